@@ -1,0 +1,95 @@
+//! GroupNorm (Wu & He 2018, "Group Normalization").
+//!
+//! The C channels are split into G groups of C/G consecutive channels; each sample's group is
+//! normalized with its own mean and *biased* variance over (C/G channels, spatial):
+//! y = weight[c] · (x − μ_{n,g}) / sqrt(σ²_{n,g} + eps) + bias[c]. Training and evaluation are
+//! the same computation; nothing depends on the rest of the batch. G must divide C.
+//! LayerNorm is G = 1, InstanceNorm G = C (see `layer_norm.rs`, `instance_norm.rs`).
+
+use crate::input;
+use crate::params::{apply_affine, Affine};
+use crate::reference;
+use crate::spec::NormSpec;
+use crate::Normalizer;
+use candle_core::{bail, Result, Tensor};
+use candle_nn::{ModuleT, VarBuilder};
+
+#[derive(Debug, Clone)]
+pub struct GroupNorm {
+    spec: NormSpec,
+    num_channels: usize,
+    groups: usize,
+    eps: f64,
+    affine: Option<Affine>,
+}
+
+impl GroupNorm {
+    pub fn new(
+        num_channels: usize,
+        groups: usize,
+        eps: f64,
+        affine: bool,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        if groups == 0 || num_channels % groups != 0 {
+            let divisors: Vec<String> = (1..=num_channels)
+                .filter(|g| num_channels % g == 0)
+                .map(|g| g.to_string())
+                .collect();
+            bail!(
+                "gn: groups={groups} does not divide num_channels={num_channels}; choose groups \
+                 among {}",
+                divisors.join(", ")
+            );
+        }
+        Ok(Self {
+            spec: NormSpec::Group {
+                groups,
+                eps,
+                affine,
+            },
+            num_channels,
+            groups,
+            eps,
+            affine: Affine::maybe(affine, num_channels, &vb)?,
+        })
+    }
+
+    /// Forward with the name `layer` in error messages; returns the output and the groups' mean
+    /// and biased variance, each (N, G), for normalizers built on this one.
+    pub(crate) fn forward_named(
+        &self,
+        layer: &str,
+        x: &Tensor,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let d = input::check(layer, x, self.num_channels)?;
+        let x3 = input::view3(x, d)?;
+        let (xhat, mean, var) = reference::group_norm(&x3, self.groups, self.eps)?;
+        let y = input::unview(apply_affine(xhat, &self.affine)?, x)?;
+        Ok((y, mean, var))
+    }
+
+    pub(crate) fn eps(&self) -> f64 {
+        self.eps
+    }
+
+    pub(crate) fn affine(&self) -> &Option<Affine> {
+        &self.affine
+    }
+}
+
+impl ModuleT for GroupNorm {
+    fn forward_t(&self, x: &Tensor, _train: bool) -> Result<Tensor> {
+        Ok(self.forward_named("gn", x)?.0)
+    }
+}
+
+impl Normalizer for GroupNorm {
+    fn norm_spec(&self) -> &NormSpec {
+        &self.spec
+    }
+
+    fn num_channels(&self) -> usize {
+        self.num_channels
+    }
+}

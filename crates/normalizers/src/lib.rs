@@ -1,0 +1,112 @@
+//! Exact normalization layers for candle: BatchNorm, GroupNorm, LayerNorm and InstanceNorm behind
+//! one [`Normalizer`] trait, built by name with [`from_spec`].
+//!
+//! Conventions are PyTorch's (and the GroupNorm paper's): normalize with the *biased* variance,
+//! store the *unbiased* one in `running_var`, `momentum` is the weight of the new batch, and the
+//! affine transform is per channel. Variables carry PyTorch's names (`weight`, `bias`,
+//! `running_mean`, `running_var`), so a `VarMap` saves a model with its running statistics.
+//!
+//! ```no_run
+//! use candle_core::{DType, Device, Tensor};
+//! use candle_nn::{ModuleT, VarBuilder, VarMap};
+//!
+//! let varmap = VarMap::new();
+//! let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+//! let norm = normalizers::from_spec("gn:groups=8", 64, vb.pp("norm1"))?;
+//! let x = Tensor::randn(0f32, 1.0, (4, 64, 8, 8), &Device::Cpu)?;
+//! let y = norm.forward_t(&x, true)?;
+//! assert_eq!(norm.spec(), "gn:groups=8");
+//! # Ok::<(), candle_core::Error>(())
+//! ```
+
+mod batch_norm;
+mod group_norm;
+mod input;
+mod instance_norm;
+mod layer_norm;
+mod params;
+pub mod reference;
+pub mod spec;
+
+pub use batch_norm::BatchNorm;
+pub use group_norm::GroupNorm;
+pub use instance_norm::InstanceNorm;
+pub use layer_norm::LayerNorm;
+pub use spec::{Momentum, NormSpec};
+
+use candle_core::{bail, Result, Tensor};
+use candle_nn::VarBuilder;
+
+/// A normalization layer. `forward_t(x, train)` takes (N, C, ...) and returns the same shape and
+/// dtype; `train = true` uses (and, where tracked, updates) batch statistics.
+pub trait Normalizer: candle_nn::ModuleT + std::fmt::Debug + Send + Sync {
+    /// The parsed spec this normalizer was built from.
+    fn norm_spec(&self) -> &NormSpec;
+
+    /// Canonical spec string: `from_spec(&n.spec(), c, vb)` builds an equal normalizer.
+    fn spec(&self) -> String {
+        self.norm_spec().to_string()
+    }
+
+    fn num_channels(&self) -> usize;
+
+    /// Normalizes with the statistics of this batch, as in training, but leaves any running
+    /// statistics unchanged: BatchNorm evaluated with batch statistics (Wu & Johnson 2021,
+    /// "Rethinking Batch in BatchNorm"). For batch-independent normalizers without running
+    /// statistics it is the same as `forward_t(x, false)`.
+    fn forward_batch_stats(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_t(x, false)
+    }
+
+    /// The stored running mean and running (unbiased) variance, each of shape (C), where tracked.
+    fn running_stats(&self) -> Result<Option<(Tensor, Tensor)>> {
+        Ok(None)
+    }
+}
+
+/// Builds the normalizer that `spec` names for `num_channels` channels, making its variables
+/// through `vb` (see the crate docs for the names). Errors name what is wrong with the spec.
+pub fn from_spec(spec: &str, num_channels: usize, vb: VarBuilder) -> Result<Box<dyn Normalizer>> {
+    build(&spec.parse()?, num_channels, vb)
+}
+
+/// [`from_spec`] for a spec already parsed.
+pub fn build(spec: &NormSpec, num_channels: usize, vb: VarBuilder) -> Result<Box<dyn Normalizer>> {
+    if num_channels == 0 {
+        bail!("{}: num_channels must be at least 1", spec.name());
+    }
+    Ok(match *spec {
+        NormSpec::Batch {
+            momentum,
+            eps,
+            affine,
+            track_running_stats,
+        } => Box::new(BatchNorm::new(
+            num_channels,
+            momentum,
+            eps,
+            affine,
+            track_running_stats,
+            vb,
+        )?),
+        NormSpec::Group {
+            groups,
+            eps,
+            affine,
+        } => Box::new(GroupNorm::new(num_channels, groups, eps, affine, vb)?),
+        NormSpec::Layer { eps, affine } => Box::new(LayerNorm::new(num_channels, eps, affine, vb)?),
+        NormSpec::Instance {
+            eps,
+            affine,
+            track_running_stats,
+            momentum,
+        } => Box::new(InstanceNorm::new(
+            num_channels,
+            eps,
+            affine,
+            track_running_stats,
+            momentum,
+            vb,
+        )?),
+    })
+}
