@@ -31,9 +31,9 @@ impl GroupNorm {
         affine: bool,
         vb: VarBuilder,
     ) -> Result<Self> {
-        if groups == 0 || num_channels % groups != 0 {
+        if groups == 0 || !num_channels.is_multiple_of(groups) {
             let divisors: Vec<String> = (1..=num_channels)
-                .filter(|g| num_channels % g == 0)
+                .filter(|g| num_channels.is_multiple_of(*g))
                 .map(|g| g.to_string())
                 .collect();
             bail!(

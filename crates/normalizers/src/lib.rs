@@ -6,7 +6,7 @@
 //! affine transform is per channel. Variables carry PyTorch's names (`weight`, `bias`,
 //! `running_mean`, `running_var`), so a `VarMap` saves a model with its running statistics.
 //!
-//! ```no_run
+//! ```
 //! use candle_core::{DType, Device, Tensor};
 //! use candle_nn::{ModuleT, VarBuilder, VarMap};
 //!
@@ -18,6 +18,11 @@
 //! assert_eq!(norm.spec(), "gn:groups=8");
 //! # Ok::<(), candle_core::Error>(())
 //! ```
+
+/// The README's example compiles and runs as a doctest.
+#[doc = include_str!("../../../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;
 
 mod batch_norm;
 mod group_norm;

@@ -39,3 +39,26 @@ pub fn assert_close(what: &str, actual: &[f64], expected: &[f64], tol: f64) {
 pub fn weighted_sum(y: &Tensor, r: &Tensor) -> Result<Tensor> {
     (y * r.to_dtype(y.dtype())?)?.sum_all()
 }
+
+/// A deterministic pseudo-random tensor of `shape`, `offset + scale · N(0, 1)`-like values.
+pub fn seeded(shape: &[usize], seed: u64, offset: f64, scale: f64) -> Tensor {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let n: usize = shape.iter().product();
+    let values: Vec<f64> = (0..n)
+        .map(|_| {
+            offset + scale * (rng.gen::<f64>() + rng.gen::<f64>() + rng.gen::<f64>() - 1.5) * 2.0
+        })
+        .collect();
+    Tensor::from_vec(values, shape, &Device::Cpu).unwrap()
+}
+
+/// Sets `weight` and `bias` (where the normalizer has them) to seeded values.
+pub fn randomize_affine(varmap: &VarMap, c: usize, seed: u64) {
+    for (i, name) in ["weight", "bias"].iter().enumerate() {
+        if let Some(v) = var(varmap, name) {
+            let t = seeded(&[c], seed + i as u64, 1.0 - i as f64, 0.5);
+            v.set(&t.to_dtype(v.dtype()).unwrap()).unwrap();
+        }
+    }
+}

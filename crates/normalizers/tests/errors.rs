@@ -1,0 +1,181 @@
+//! Every bad input gets an `Err` whose message names the problem (never a panic).
+
+mod common;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use common::build;
+
+fn spec_error(spec: &str, c: usize) -> String {
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+    match normalizers::from_spec(spec, c, vb) {
+        Ok(n) => panic!("{spec} with {c} channels was accepted as {}", n.spec()),
+        Err(e) => e.to_string(),
+    }
+}
+
+fn forward_error(spec: &str, c: usize, shape: &[usize], train: bool) -> String {
+    let (norm, _) = build(spec, c, DType::F32);
+    let x = Tensor::ones(shape, DType::F32, &Device::Cpu).unwrap();
+    match norm.forward_t(&x, train) {
+        Ok(_) => panic!("{spec} accepted an input of shape {shape:?} (train={train})"),
+        Err(e) => e.to_string(),
+    }
+}
+
+fn assert_mentions(message: &str, parts: &[&str]) {
+    for part in parts {
+        assert!(
+            message.contains(part),
+            "error {message:?} does not mention {part:?}"
+        );
+    }
+}
+
+#[test]
+fn unknown_name_lists_the_valid_ones() {
+    let e = spec_error("bx", 4);
+    assert_mentions(&e, &["unknown normalizer \"bx\"", "bn", "gn", "ln", "in"]);
+    assert_mentions(&spec_error("", 4), &["empty normalizer spec", "bn"]);
+}
+
+#[test]
+fn unknown_option_lists_the_valid_ones() {
+    let e = spec_error("gn:momentum=0.1", 4);
+    assert_mentions(
+        &e,
+        &["unknown option \"momentum\"", "gn", "groups, eps, affine"],
+    );
+    assert_mentions(
+        &spec_error("ln:groups=2", 4),
+        &["unknown option \"groups\""],
+    );
+}
+
+#[test]
+fn unparsable_values_are_named() {
+    assert_mentions(
+        &spec_error("bn:momentum=fast", 4),
+        &["momentum=\"fast\"", "[0, 1] or none"],
+    );
+    assert_mentions(
+        &spec_error("bn:eps=tiny", 4),
+        &["eps=\"tiny\"", "not a finite number"],
+    );
+    assert_mentions(
+        &spec_error("gn:groups=two", 4),
+        &["groups=\"two\"", "positive whole number"],
+    );
+    assert_mentions(
+        &spec_error("ln:affine=yes", 4),
+        &["affine=\"yes\"", "true or false"],
+    );
+    assert_mentions(&spec_error("bn:eps=nan", 4), &["not a finite number"]);
+}
+
+#[test]
+fn out_of_range_values_are_named() {
+    assert_mentions(
+        &spec_error("bn:momentum=1.5", 4),
+        &["momentum=1.5", "out of range"],
+    );
+    assert_mentions(&spec_error("bn:momentum=-0.1", 4), &["out of range"]);
+    assert_mentions(&spec_error("in:eps=0", 4), &["eps=0", "must be > 0"]);
+    assert_mentions(
+        &spec_error("gn:groups=0", 4),
+        &["groups=\"0\"", "positive whole number"],
+    );
+    assert_mentions(
+        &spec_error("in:momentum=none", 4),
+        &["momentum=none", "only supported for bn"],
+    );
+}
+
+#[test]
+fn malformed_and_repeated_options_are_named() {
+    assert_mentions(
+        &spec_error("gn:groups", 4),
+        &["malformed option \"groups\"", "key=value"],
+    );
+    assert_mentions(&spec_error("bn:", 4), &["malformed option"]);
+    assert_mentions(
+        &spec_error("bn:eps=1e-3,eps=1e-4", 4),
+        &["eps is given twice"],
+    );
+}
+
+#[test]
+fn groups_must_divide_channels() {
+    let e = spec_error("gn:groups=4", 6);
+    assert_mentions(
+        &e,
+        &["groups=4 does not divide num_channels=6", "1, 2, 3, 6"],
+    );
+    assert_mentions(
+        &spec_error("gn", 16),
+        &["groups=32 does not divide num_channels=16"],
+    );
+}
+
+#[test]
+fn zero_channels_are_refused() {
+    assert_mentions(&spec_error("ln", 0), &["num_channels must be at least 1"]);
+}
+
+#[test]
+fn channel_mismatch_is_named() {
+    for spec in ["bn", "gn:groups=2", "ln", "in"] {
+        let e = forward_error(spec, 4, &[2, 3, 5], true);
+        assert_mentions(&e, &["input has 3 channels", "built for 4", "[2, 3, 5]"]);
+    }
+}
+
+#[test]
+fn rank_below_two_is_refused() {
+    for spec in ["bn", "gn:groups=2", "ln", "in"] {
+        let e = forward_error(spec, 4, &[4], true);
+        assert_mentions(&e, &["(N, C, ...)", "at least 2 dimensions", "[4]"]);
+    }
+}
+
+#[test]
+fn instance_norm_needs_spatial_dimensions() {
+    for train in [true, false] {
+        let e = forward_error("in", 4, &[8, 4], train);
+        assert_mentions(
+            &e,
+            &["in: expected an input with spatial dimensions", "[8, 4]"],
+        );
+        let e = forward_error("in:track_running_stats=true", 4, &[8, 4], train);
+        assert_mentions(&e, &["spatial dimensions"]);
+    }
+    let e = forward_error("in", 4, &[8, 4, 1], true);
+    assert_mentions(&e, &["more than 1 spatial element"]);
+}
+
+#[test]
+fn batch_norm_training_needs_more_than_one_value_per_channel() {
+    for shape in [&[1, 4][..], &[1, 4, 1], &[1, 4, 1, 1]] {
+        let e = forward_error("bn", 4, shape, true);
+        assert_mentions(
+            &e,
+            &["expected more than 1 value per channel when training"],
+        );
+    }
+    let (norm, _) = build("bn", 4, DType::F32);
+    let x = Tensor::ones((1, 4), DType::F32, &Device::Cpu).unwrap();
+    assert!(
+        norm.forward_t(&x, false).is_ok(),
+        "evaluation uses the running statistics"
+    );
+}
+
+#[test]
+fn empty_and_integer_inputs_are_refused() {
+    assert_mentions(&forward_error("ln", 4, &[0, 4, 3], true), &["is empty"]);
+    let (norm, _) = build("gn:groups=2", 4, DType::F32);
+    let x = Tensor::ones((2, 4, 3), DType::U32, &Device::Cpu).unwrap();
+    let e = norm.forward_t(&x, true).unwrap_err().to_string();
+    assert_mentions(&e, &["floating-point input", "U32"]);
+}
