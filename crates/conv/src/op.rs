@@ -1,0 +1,165 @@
+//! The convolution as candle custom ops: forward and backward on the CPU.
+
+use crate::im2col::{col2im, im2col, Geometry};
+use crate::{geometry, Conv2dConfig};
+use candle_core::backend::BackendStorage;
+use candle_core::{
+    bail, CpuStorage, CustomOp1, CustomOp2, Device, Layout, Result, Shape, Tensor, WithDType,
+};
+use rayon::prelude::*;
+
+/// y = conv(x, w), without bias; arguments x (N, C, H, W) and w (O, C, kH, kW).
+pub struct Conv2dOp {
+    pub cfg: Conv2dConfig,
+}
+
+/// The contiguous data of a storage, or an error for strided or unsupported inputs.
+fn slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [T]> {
+    match l.contiguous_offsets() {
+        Some((start, end)) => Ok(&s.as_slice::<T>()?[start..end]),
+        None => bail!("conv2d: the {what} must be contiguous"),
+    }
+}
+
+fn forward<T: WithDType>(x: &[T], w: &[T], g: &Geometry, c_out: usize) -> Result<Vec<T>> {
+    let (k, p, np) = (g.k(), g.p(), g.n * g.p());
+    let cols = Tensor::from_vec(im2col(x, g), (k, np), &Device::Cpu)?;
+    let w = Tensor::from_slice(w, (c_out, k), &Device::Cpu)?;
+    let y = w.matmul(&cols)?;
+    let (storage, layout) = y.storage_and_layout();
+    let candle_core::Storage::Cpu(storage) = &*storage else {
+        bail!("conv2d: matmul left the CPU");
+    };
+    let y = slice::<T>(storage, layout, "matmul output")?;
+    // (O, N, P) -> (N, O, P)
+    let mut out = vec![T::zero(); g.n * c_out * p];
+    out.par_chunks_mut(p).enumerate().for_each(|(no, dst)| {
+        let (n, o) = (no / c_out, no % c_out);
+        dst.copy_from_slice(&y[o * np + n * p..][..p]);
+    });
+    Ok(out)
+}
+
+impl CustomOp2 for Conv2dOp {
+    fn name(&self) -> &'static str {
+        "normbench-conv2d"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let g = geometry(l1.dims(), l2.dims(), self.cfg)?;
+        let c_out = l2.dims()[0];
+        let shape = Shape::from((g.n, c_out, g.oh, g.ow));
+        let out = match (s1, s2) {
+            (CpuStorage::F32(_), CpuStorage::F32(_)) => CpuStorage::F32(forward(
+                slice(s1, l1, "input")?,
+                slice(s2, l2, "weight")?,
+                &g,
+                c_out,
+            )?),
+            (CpuStorage::F64(_), CpuStorage::F64(_)) => CpuStorage::F64(forward(
+                slice(s1, l1, "input")?,
+                slice(s2, l2, "weight")?,
+                &g,
+                c_out,
+            )?),
+            _ => bail!(
+                "conv2d: the fast convolution takes f32 or f64 input and weight of one dtype, \
+                 got {:?} and {:?}; use --conv candle for other dtypes",
+                s1.dtype(),
+                s2.dtype()
+            ),
+        };
+        Ok((out, shape))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let g = geometry(x.dims(), w.dims(), self.cfg)?;
+        let (c_out, k, np) = (w.dim(0)?, g.k(), g.n * g.p());
+        let dy = dy
+            .reshape((g.n, c_out, g.p()))?
+            .transpose(0, 1)?
+            .contiguous()?
+            .reshape((c_out, np))?;
+        let dw = if w.track_op() {
+            let cols = x.detach().apply_op1_no_bwd(&Im2Col(g))?;
+            Some(dy.matmul(&cols.t()?)?.reshape(w.shape())?)
+        } else {
+            None
+        };
+        let dx = if x.track_op() {
+            let dcols = w.detach().reshape((c_out, k))?.t()?.matmul(&dy)?;
+            Some(dcols.apply_op1_no_bwd(&Col2Im(g))?)
+        } else {
+            None
+        };
+        Ok((dx, dw))
+    }
+}
+
+/// x (N, C, H, W) to columns (K, N·P).
+struct Im2Col(Geometry);
+
+/// Columns (K, N·P) back to an image (N, C, H, W), summing overlaps.
+struct Col2Im(Geometry);
+
+fn dispatch<F32, F64>(s: &CpuStorage, f32_: F32, f64_: F64) -> Result<CpuStorage>
+where
+    F32: FnOnce(&[f32]) -> Vec<f32>,
+    F64: FnOnce(&[f64]) -> Vec<f64>,
+{
+    Ok(match s {
+        CpuStorage::F32(v) => CpuStorage::F32(f32_(v)),
+        CpuStorage::F64(v) => CpuStorage::F64(f64_(v)),
+        _ => bail!("conv2d: expected f32 or f64, got {:?}", s.dtype()),
+    })
+}
+
+impl CustomOp1 for Im2Col {
+    fn name(&self) -> &'static str {
+        "normbench-im2col"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let g = &self.0;
+        let (start, end) = l.contiguous_offsets().ok_or_else(|| {
+            candle_core::Error::Msg("im2col: the input must be contiguous".into())
+        })?;
+        let out = dispatch(
+            s,
+            |v| im2col(&v[start..end], g),
+            |v| im2col(&v[start..end], g),
+        )?;
+        Ok((out, Shape::from((g.k(), g.n * g.p()))))
+    }
+}
+
+impl CustomOp1 for Col2Im {
+    fn name(&self) -> &'static str {
+        "normbench-col2im"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let g = &self.0;
+        let (start, end) = l.contiguous_offsets().ok_or_else(|| {
+            candle_core::Error::Msg("col2im: the columns must be contiguous".into())
+        })?;
+        let out = dispatch(
+            s,
+            |v| col2im(&v[start..end], g),
+            |v| col2im(&v[start..end], g),
+        )?;
+        Ok((out, Shape::from((g.n, g.c_in, g.h, g.w))))
+    }
+}
