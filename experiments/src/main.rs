@@ -1,28 +1,160 @@
-//! The normbench experiment runner. Its `sweep` lands with the runner issue; until then the
-//! binary lists the normalizers it can build, to check a spec from the command line.
+//! normbench's experiment runner. See `experiments --help`.
 
-use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device};
-use candle_nn::{VarBuilder, VarMap};
+mod bench_conv;
+mod data;
+mod model;
+mod optim;
+mod plot;
+mod report;
+mod results;
+mod sweep;
+mod train;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(
+    name = "experiments",
+    version,
+    about = "Normalizer × batch size × seed sweeps that reproduce BatchNorm's small-batch \
+             degradation (Wu & He 2018, Figure 1), with reports and benchmarks."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train and evaluate every normalizer × batch size × seed; write CSVs, tables and a figure.
+    #[command(after_help = SWEEP_EXAMPLES)]
+    Sweep(SweepArgs),
+    /// Combine the folders of a sharded sweep into one and rebuild its reports.
+    #[command(after_help = "Example:\n  experiments merge --out results/sweep-1a2b3c4d results/sweep-1a2b3c4d/shard-*")]
+    Merge {
+        /// The combined sweep folder (created if missing).
+        #[arg(long)]
+        out: PathBuf,
+        /// Shard folders written by `sweep --shard i/n`.
+        #[arg(required = true)]
+        shards: Vec<PathBuf>,
+    },
+    /// Rebuild summary.csv, summary.md, summary.tex and the figure from a sweep's runs.csv.
+    #[command(after_help = "Example:\n  experiments report results/reference")]
+    Report {
+        /// The sweep folder.
+        dir: PathBuf,
+    },
+    /// Time the fast convolution against candle's conv2d on the model's layers.
+    BenchConv(bench_conv::BenchArgs),
+}
+
+const SWEEP_EXAMPLES: &str = "Examples:
+  experiments sweep                                   # the default sweep (the reference run)
+  experiments sweep --quick                           # a smoke test, under a minute
+  experiments sweep --norms bn,gn:groups=4 --seeds 0 --batch-sizes 32,2
+  experiments sweep --dataset mnist:data/mnist --epochs 3
+  experiments sweep --shard 2/4 --out results/big/shard-2   # one of four machines";
+
+#[derive(Args, Debug)]
+struct SweepArgs {
+    /// Comma-separated normalizer specs [default: bn,gn:groups=G,ln,in, G the model's groups].
+    #[arg(long)]
+    norms: Option<String>,
+    /// Comma-separated batch sizes per step [default: 32,16,8,4,2].
+    #[arg(long, value_delimiter = ',')]
+    batch_sizes: Option<Vec<usize>>,
+    /// Comma-separated seeds [default: 0,1,2].
+    #[arg(long, value_delimiter = ',')]
+    seeds: Option<Vec<u64>>,
+    /// Training epochs, the same at every batch size [default: 6].
+    #[arg(long)]
+    epochs: Option<usize>,
+    /// Learning rate at batch size 32; batch size B trains with base-lr·B/32.
+    #[arg(long, default_value_t = 0.1)]
+    base_lr: f64,
+    /// Linear warm-up, in epochs, before the cosine decay.
+    #[arg(long, default_value_t = 1.0)]
+    warmup_epochs: f64,
+    /// Weight decay on convolution and classifier weights (never on normalizers).
+    #[arg(long, default_value_t = 5e-4)]
+    weight_decay: f64,
+    /// synthetic[:train=N,test=N,size=S,seed=K], mnist:DIR (IDX files) or cifar10:DIR (binary
+    /// batches) [default: synthetic].
+    #[arg(long)]
+    dataset: Option<String>,
+    /// resnet[:width=W,blocks=B,groups=G].
+    #[arg(long, default_value = "resnet")]
+    model: String,
+    /// Convolution: fast (im2col + matmul with its own backward) or candle (candle's conv2d).
+    #[arg(long, default_value = "fast")]
+    conv: String,
+    /// The sweep folder [default: results/<sweep-id>/, or its shard-i-of-n/ with --shard].
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Runs trained at once [default: the number of CPUs].
+    #[arg(long)]
+    jobs: Option<usize>,
+    /// Run the i-th of n interleaved shares of the runs (1 <= i <= n); combine with `merge`.
+    #[arg(long)]
+    shard: Option<String>,
+    /// Preset for a smoke test: tiny data, one epoch, bn and gn at batch sizes 8 and 2, seed 0.
+    #[arg(long)]
+    quick: bool,
+    /// Print a line per epoch.
+    #[arg(long)]
+    verbose: bool,
+}
+
+fn sweep(args: SweepArgs) -> Result<()> {
+    let q = args.quick;
+    let model: model::ModelConfig = args.model.parse()?;
+    let dataset: data::DatasetSpec = args
+        .dataset
+        .as_deref()
+        .unwrap_or(if q { "synthetic:train=512,test=250" } else { "synthetic" })
+        .parse()?;
+    let default_norms = if q {
+        format!("bn,gn:groups={}", model.groups)
+    } else {
+        format!("bn,gn:groups={},ln,in", model.groups)
+    };
+    let plan = sweep::Plan {
+        norms: sweep::parse_norms(args.norms.as_deref().unwrap_or(&default_norms))?,
+        batch_sizes: args.batch_sizes.unwrap_or_else(|| if q { vec![8, 2] } else { vec![32, 16, 8, 4, 2] }),
+        seeds: args.seeds.unwrap_or_else(|| if q { vec![0] } else { vec![0, 1, 2] }),
+        dataset,
+        train: train::TrainConfig {
+            model: model.to_string(),
+            epochs: args.epochs.unwrap_or(if q { 1 } else { 6 }),
+            base_lr: args.base_lr,
+            warmup_epochs: args.warmup_epochs,
+            momentum: 0.9,
+            weight_decay: args.weight_decay,
+            large_eval_batch: 250,
+            conv: args.conv.parse::<conv::ConvImpl>()?.to_string(),
+        },
+        shard: args.shard.as_deref().map(sweep::parse_shard).transpose()?,
+    };
+    let out = args.out.unwrap_or_else(|| {
+        let dir = PathBuf::from("results").join(plan.id());
+        match plan.shard {
+            Some((i, n)) => dir.join(format!("shard-{i}-of-{n}")),
+            None => dir,
+        }
+    });
+    let ds = plan.dataset.load().with_context(|| format!("cannot load --dataset {}", plan.dataset))?;
+    let jobs = args.jobs.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+    sweep::run(&plan, ds, &out, jobs, args.verbose)
+}
 
 fn main() -> Result<()> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    match args.first().map(String::as_str) {
-        Some("spec") => {
-            let [_, spec, channels] = args.as_slice() else {
-                bail!("usage: experiments spec SPEC CHANNELS   (e.g. experiments spec gn:groups=8 64)");
-            };
-            let channels: usize = channels
-                .parse()
-                .with_context(|| format!("CHANNELS must be a whole number, got {channels:?}"))?;
-            let varmap = VarMap::new();
-            let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
-            let norm = normalizers::from_spec(spec, channels, vb)
-                .with_context(|| format!("cannot build {spec:?}"))?;
-            println!("{}", norm.spec());
-            Ok(())
-        }
-        Some(other) => bail!("unknown command {other:?}; available: spec (sweep is not built yet)"),
-        None => bail!("usage: experiments spec SPEC CHANNELS"),
+    match Cli::parse().command {
+        Command::Sweep(args) => sweep(args),
+        Command::Merge { out, shards } => sweep::merge(&out, &shards),
+        Command::Report { dir } => report::report(&dir).map(|_| eprintln!("wrote the reports of {}", dir.display())),
+        Command::BenchConv(args) => bench_conv::run(args),
     }
 }

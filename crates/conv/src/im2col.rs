@@ -8,6 +8,12 @@
 use candle_core::WithDType;
 use rayon::prelude::*;
 
+/// Chunks per rayon task for chunks of `chunk_len` values: no task is too small to be worth a
+/// thread.
+pub(crate) fn min_len(chunk_len: usize) -> usize {
+    ((1 << 15) / chunk_len.max(1)).max(1)
+}
+
 /// The geometry of one convolution.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Geometry {
@@ -48,28 +54,31 @@ impl Geometry {
 pub fn im2col<T: WithDType>(x: &[T], g: &Geometry) -> Vec<T> {
     let (p, np) = (g.p(), g.n * g.p());
     let mut cols = vec![T::zero(); g.k() * np];
-    cols.par_chunks_mut(np).enumerate().for_each(|(k, row)| {
-        let (ci, kk) = (k / (g.kh * g.kw), k % (g.kh * g.kw));
-        let (ky, kx) = (kk / g.kw, kk % g.kw);
-        for n in 0..g.n {
-            let plane = &x[(n * g.c_in + ci) * g.h * g.w..][..g.h * g.w];
-            let out = &mut row[n * p..][..p];
-            for oy in 0..g.oh {
-                let out_row = &mut out[oy * g.ow..][..g.ow];
-                match g.input_coord(oy, ky, g.h) {
-                    None => out_row.fill(T::zero()),
-                    Some(iy) => {
-                        let in_row = &plane[iy * g.w..][..g.w];
-                        for (ox, o) in out_row.iter_mut().enumerate() {
-                            *o = g
-                                .input_coord(ox, kx, g.w)
-                                .map_or(T::zero(), |ix| in_row[ix]);
+    cols.par_chunks_mut(np)
+        .with_min_len(min_len(np))
+        .enumerate()
+        .for_each(|(k, row)| {
+            let (ci, kk) = (k / (g.kh * g.kw), k % (g.kh * g.kw));
+            let (ky, kx) = (kk / g.kw, kk % g.kw);
+            for n in 0..g.n {
+                let plane = &x[(n * g.c_in + ci) * g.h * g.w..][..g.h * g.w];
+                let out = &mut row[n * p..][..p];
+                for oy in 0..g.oh {
+                    let out_row = &mut out[oy * g.ow..][..g.ow];
+                    match g.input_coord(oy, ky, g.h) {
+                        None => out_row.fill(T::zero()),
+                        Some(iy) => {
+                            let in_row = &plane[iy * g.w..][..g.w];
+                            for (ox, o) in out_row.iter_mut().enumerate() {
+                                *o = g
+                                    .input_coord(ox, kx, g.w)
+                                    .map_or(T::zero(), |ix| in_row[ix]);
+                            }
                         }
                     }
                 }
             }
-        }
-    });
+        });
     cols
 }
 

@@ -33,10 +33,13 @@ fn forward<T: WithDType>(x: &[T], w: &[T], g: &Geometry, c_out: usize) -> Result
     let y = slice::<T>(storage, layout, "matmul output")?;
     // (O, N, P) -> (N, O, P)
     let mut out = vec![T::zero(); g.n * c_out * p];
-    out.par_chunks_mut(p).enumerate().for_each(|(no, dst)| {
-        let (n, o) = (no / c_out, no % c_out);
-        dst.copy_from_slice(&y[o * np + n * p..][..p]);
-    });
+    out.par_chunks_mut(p)
+        .with_min_len(crate::im2col::min_len(p))
+        .enumerate()
+        .for_each(|(no, dst)| {
+            let (n, o) = (no / c_out, no % c_out);
+            dst.copy_from_slice(&y[o * np + n * p..][..p]);
+        });
     Ok(out)
 }
 

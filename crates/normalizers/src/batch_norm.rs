@@ -9,10 +9,11 @@
 //!   (PyTorch's `momentum=None`). Training needs m > 1, as in PyTorch.
 //! - Evaluation: the running statistics; without tracked statistics, the batch's.
 
+use crate::forward;
 use crate::input;
-use crate::params::{apply_affine, Affine, RunningStats};
-use crate::reference;
-use crate::spec::{Momentum, NormSpec};
+use crate::kernels::Sets;
+use crate::params::{Affine, RunningStats};
+use crate::spec::{Impl, NormSpec};
 use crate::Normalizer;
 use candle_core::{bail, Result, Tensor};
 use candle_nn::{ModuleT, VarBuilder};
@@ -22,6 +23,7 @@ pub struct BatchNorm {
     spec: NormSpec,
     num_channels: usize,
     eps: f64,
+    imp: Impl,
     affine: Option<Affine>,
     running: Option<RunningStats>,
 }
@@ -38,23 +40,23 @@ enum Stats {
 }
 
 impl BatchNorm {
-    pub fn new(
-        num_channels: usize,
-        momentum: Momentum,
-        eps: f64,
-        affine: bool,
-        track_running_stats: bool,
-        vb: VarBuilder,
-    ) -> Result<Self> {
+    /// Builds the BatchNorm that `spec` (a `NormSpec::Batch`) describes.
+    pub fn new(spec: NormSpec, num_channels: usize, vb: VarBuilder) -> Result<Self> {
+        let NormSpec::Batch {
+            momentum,
+            eps,
+            affine,
+            track_running_stats,
+            imp,
+        } = spec
+        else {
+            bail!("BatchNorm::new takes a bn spec, got {spec}");
+        };
         Ok(Self {
-            spec: NormSpec::Batch {
-                momentum,
-                eps,
-                affine,
-                track_running_stats,
-            },
+            spec,
             num_channels,
             eps,
+            imp,
             affine: Affine::maybe(affine, num_channels, &vb)?,
             running: RunningStats::maybe(track_running_stats, num_channels, momentum, &vb)?,
         })
@@ -62,29 +64,25 @@ impl BatchNorm {
 
     fn forward_stats(&self, x: &Tensor, stats: Stats) -> Result<Tensor> {
         let d = input::check("bn", x, self.num_channels)?;
-        let x3 = input::view3(x, d)?;
-        let xhat = match (&self.running, stats) {
-            (Some(running), Stats::Eval) => running.normalize(&x3, self.eps)?,
-            (running, stats) => {
-                let m = d.n * d.s;
-                if stats == Stats::Train && m < 2 {
-                    bail!(
-                        "bn: expected more than 1 value per channel when training, got input of \
-                         shape {:?}; use a batch of at least 2, or evaluate with train=false",
-                        x.dims()
-                    );
-                }
-                let (xhat, mean, var) = reference::batch_norm_train(&x3, self.eps)?;
-                if let (Some(running), Stats::Train) = (running, stats) {
-                    running.update(&mean, &(var * (m as f64 / (m - 1) as f64))?)?;
-                }
-                xhat
-            }
-        };
-        input::unview(apply_affine(xhat, &self.affine)?, x)
+        if let (Some(running), Stats::Eval) = (&self.running, stats) {
+            return forward::with_running_stats(x, d, running, self.eps, &self.affine, self.imp);
+        }
+        let m = d.n * d.s;
+        if stats == Stats::Train && m < 2 {
+            bail!(
+                "bn: expected more than 1 value per channel when training, got input of shape \
+                 {:?}; use a batch of at least 2, or evaluate with train=false",
+                x.dims()
+            );
+        }
+        let out =
+            forward::with_batch_stats(x, d, Sets::Channels, self.eps, &self.affine, self.imp)?;
+        if let (Some(running), Stats::Train) = (&self.running, stats) {
+            running.update(&out.mean, &(out.var * (m as f64 / (m - 1) as f64))?)?;
+        }
+        Ok(out.y)
     }
 }
-
 impl ModuleT for BatchNorm {
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         self.forward_stats(x, if train { Stats::Train } else { Stats::Eval })

@@ -6,10 +6,11 @@
 //! the same computation; nothing depends on the rest of the batch. G must divide C.
 //! LayerNorm is G = 1, InstanceNorm G = C (see `layer_norm.rs`, `instance_norm.rs`).
 
+use crate::forward::{self, Normalized};
 use crate::input;
-use crate::params::{apply_affine, Affine};
-use crate::reference;
-use crate::spec::NormSpec;
+use crate::kernels::Sets;
+use crate::params::Affine;
+use crate::spec::{Impl, NormSpec};
 use crate::Normalizer;
 use candle_core::{bail, Result, Tensor};
 use candle_nn::{ModuleT, VarBuilder};
@@ -20,15 +21,33 @@ pub struct GroupNorm {
     num_channels: usize,
     groups: usize,
     eps: f64,
+    imp: Impl,
     affine: Option<Affine>,
 }
 
 impl GroupNorm {
-    pub fn new(
+    /// Builds the GroupNorm that `spec` (a `NormSpec::Group`) describes.
+    pub fn new(spec: NormSpec, num_channels: usize, vb: VarBuilder) -> Result<Self> {
+        let NormSpec::Group {
+            groups,
+            eps,
+            affine,
+            imp,
+        } = spec
+        else {
+            bail!("GroupNorm::new takes a gn spec, got {spec}");
+        };
+        Self::with_groups(spec, num_channels, groups, eps, affine, imp, vb)
+    }
+
+    /// The GroupNorm that LayerNorm (G = 1) and InstanceNorm (G = C) are, carrying their `spec`.
+    pub(crate) fn with_groups(
+        spec: NormSpec,
         num_channels: usize,
         groups: usize,
         eps: f64,
         affine: bool,
+        imp: Impl,
         vb: VarBuilder,
     ) -> Result<Self> {
         if groups == 0 || !num_channels.is_multiple_of(groups) {
@@ -43,34 +62,35 @@ impl GroupNorm {
             );
         }
         Ok(Self {
-            spec: NormSpec::Group {
-                groups,
-                eps,
-                affine,
-            },
+            spec,
             num_channels,
             groups,
             eps,
+            imp,
             affine: Affine::maybe(affine, num_channels, &vb)?,
         })
     }
 
-    /// Forward with the name `layer` in error messages; returns the output and the groups' mean
-    /// and biased variance, each (N, G), for normalizers built on this one.
-    pub(crate) fn forward_named(
-        &self,
-        layer: &str,
-        x: &Tensor,
-    ) -> Result<(Tensor, Tensor, Tensor)> {
+    /// Forward with the name `layer` in error messages; returns the output and the groups'
+    /// statistics, for normalizers built on this one.
+    pub(crate) fn forward_named(&self, layer: &str, x: &Tensor) -> Result<Normalized> {
         let d = input::check(layer, x, self.num_channels)?;
-        let x3 = input::view3(x, d)?;
-        let (xhat, mean, var) = reference::group_norm(&x3, self.groups, self.eps)?;
-        let y = input::unview(apply_affine(xhat, &self.affine)?, x)?;
-        Ok((y, mean, var))
+        forward::with_batch_stats(
+            x,
+            d,
+            Sets::Groups(self.groups),
+            self.eps,
+            &self.affine,
+            self.imp,
+        )
     }
 
     pub(crate) fn eps(&self) -> f64 {
         self.eps
+    }
+
+    pub(crate) fn imp(&self) -> Impl {
+        self.imp
     }
 
     pub(crate) fn affine(&self) -> &Option<Affine> {
@@ -80,10 +100,9 @@ impl GroupNorm {
 
 impl ModuleT for GroupNorm {
     fn forward_t(&self, x: &Tensor, _train: bool) -> Result<Tensor> {
-        Ok(self.forward_named("gn", x)?.0)
+        Ok(self.forward_named(self.spec.name(), x)?.y)
     }
 }
-
 impl Normalizer for GroupNorm {
     fn norm_spec(&self) -> &NormSpec {
         &self.spec

@@ -10,39 +10,37 @@
 //! average of the *unbiased* instance variances (S/(S−1)), and evaluation normalizes with the
 //! running statistics.
 
+use crate::forward;
 use crate::group_norm::GroupNorm;
 use crate::input::{self, InputDims};
-use crate::params::{apply_affine, RunningStats};
-use crate::spec::{Momentum, NormSpec};
+use crate::params::RunningStats;
+use crate::spec::NormSpec;
 use crate::Normalizer;
 use candle_core::{bail, Result, Tensor};
 use candle_nn::{ModuleT, VarBuilder};
 
 #[derive(Debug, Clone)]
 pub struct InstanceNorm {
-    spec: NormSpec,
     inner: GroupNorm,
     running: Option<RunningStats>,
 }
 
 impl InstanceNorm {
-    pub fn new(
-        num_channels: usize,
-        eps: f64,
-        affine: bool,
-        track_running_stats: bool,
-        momentum: Momentum,
-        vb: VarBuilder,
-    ) -> Result<Self> {
+    /// Builds the InstanceNorm that `spec` (a `NormSpec::Instance`) describes.
+    pub fn new(spec: NormSpec, num_channels: usize, vb: VarBuilder) -> Result<Self> {
+        let NormSpec::Instance {
+            eps,
+            affine,
+            track_running_stats,
+            momentum,
+            imp,
+        } = spec
+        else {
+            bail!("InstanceNorm::new takes an in spec, got {spec}");
+        };
         Ok(Self {
-            spec: NormSpec::Instance {
-                eps,
-                affine,
-                track_running_stats,
-                momentum,
-            },
             running: RunningStats::maybe(track_running_stats, num_channels, momentum, &vb)?,
-            inner: GroupNorm::new(num_channels, num_channels, eps, affine, vb)?,
+            inner: GroupNorm::with_groups(spec, num_channels, num_channels, eps, affine, imp, vb)?,
         })
     }
 
@@ -67,12 +65,13 @@ impl InstanceNorm {
                 x.dims()
             );
         }
-        let (y, mean, var) = self.inner.forward_named("in", x)?;
+        let out = self.inner.forward_named("in", x)?;
         if let (Some(running), true) = (&self.running, update) {
             let bessel = d.s as f64 / (d.s - 1) as f64;
-            running.update(&mean.mean(0)?, &(var.mean(0)? * bessel)?)?;
+            let per_sample = |t: Tensor| t.reshape((d.n, d.c))?.mean(0);
+            running.update(&per_sample(out.mean)?, &(per_sample(out.var)? * bessel)?)?;
         }
-        Ok(y)
+        Ok(out.y)
     }
 }
 
@@ -80,9 +79,9 @@ impl ModuleT for InstanceNorm {
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         match (&self.running, train) {
             (Some(running), false) => {
-                let x3 = input::view3(x, self.check(x)?)?;
-                let xhat = running.normalize(&x3, self.inner.eps())?;
-                input::unview(apply_affine(xhat, self.inner.affine())?, x)
+                let d = self.check(x)?;
+                let inner = &self.inner;
+                forward::with_running_stats(x, d, running, inner.eps(), inner.affine(), inner.imp())
             }
             _ => self.instance_stats(x, train),
         }
@@ -91,9 +90,8 @@ impl ModuleT for InstanceNorm {
 
 impl Normalizer for InstanceNorm {
     fn norm_spec(&self) -> &NormSpec {
-        &self.spec
+        self.inner.norm_spec()
     }
-
     fn num_channels(&self) -> usize {
         self.inner.num_channels()
     }

@@ -8,33 +8,35 @@
 use crate::group_norm::GroupNorm;
 use crate::spec::NormSpec;
 use crate::Normalizer;
-use candle_core::{Result, Tensor};
+use candle_core::{bail, Result, Tensor};
 use candle_nn::{ModuleT, VarBuilder};
 
 #[derive(Debug, Clone)]
 pub struct LayerNorm {
-    spec: NormSpec,
     inner: GroupNorm,
 }
 
 impl LayerNorm {
-    pub fn new(num_channels: usize, eps: f64, affine: bool, vb: VarBuilder) -> Result<Self> {
+    /// Builds the LayerNorm that `spec` (a `NormSpec::Layer`) describes.
+    pub fn new(spec: NormSpec, num_channels: usize, vb: VarBuilder) -> Result<Self> {
+        let NormSpec::Layer { eps, affine, imp } = spec else {
+            bail!("LayerNorm::new takes an ln spec, got {spec}");
+        };
         Ok(Self {
-            spec: NormSpec::Layer { eps, affine },
-            inner: GroupNorm::new(num_channels, 1, eps, affine, vb)?,
+            inner: GroupNorm::with_groups(spec, num_channels, 1, eps, affine, imp, vb)?,
         })
     }
 }
 
 impl ModuleT for LayerNorm {
-    fn forward_t(&self, x: &Tensor, _train: bool) -> Result<Tensor> {
-        Ok(self.inner.forward_named("ln", x)?.0)
+    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        self.inner.forward_t(x, train)
     }
 }
 
 impl Normalizer for LayerNorm {
     fn norm_spec(&self) -> &NormSpec {
-        &self.spec
+        self.inner.norm_spec()
     }
 
     fn num_channels(&self) -> usize {

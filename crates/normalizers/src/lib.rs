@@ -25,9 +25,11 @@
 pub struct ReadmeDoctests;
 
 mod batch_norm;
+mod forward;
 mod group_norm;
 mod input;
 mod instance_norm;
+pub mod kernels;
 mod layer_norm;
 mod params;
 pub mod reference;
@@ -37,7 +39,7 @@ pub use batch_norm::BatchNorm;
 pub use group_norm::GroupNorm;
 pub use instance_norm::InstanceNorm;
 pub use layer_norm::LayerNorm;
-pub use spec::{Momentum, NormSpec};
+pub use spec::{Impl, Momentum, NormSpec};
 
 use candle_core::{bail, Result, Tensor};
 use candle_nn::VarBuilder;
@@ -80,38 +82,10 @@ pub fn build(spec: &NormSpec, num_channels: usize, vb: VarBuilder) -> Result<Box
     if num_channels == 0 {
         bail!("{}: num_channels must be at least 1", spec.name());
     }
-    Ok(match *spec {
-        NormSpec::Batch {
-            momentum,
-            eps,
-            affine,
-            track_running_stats,
-        } => Box::new(BatchNorm::new(
-            num_channels,
-            momentum,
-            eps,
-            affine,
-            track_running_stats,
-            vb,
-        )?),
-        NormSpec::Group {
-            groups,
-            eps,
-            affine,
-        } => Box::new(GroupNorm::new(num_channels, groups, eps, affine, vb)?),
-        NormSpec::Layer { eps, affine } => Box::new(LayerNorm::new(num_channels, eps, affine, vb)?),
-        NormSpec::Instance {
-            eps,
-            affine,
-            track_running_stats,
-            momentum,
-        } => Box::new(InstanceNorm::new(
-            num_channels,
-            eps,
-            affine,
-            track_running_stats,
-            momentum,
-            vb,
-        )?),
+    Ok(match spec {
+        NormSpec::Batch { .. } => Box::new(BatchNorm::new(spec.clone(), num_channels, vb)?),
+        NormSpec::Group { .. } => Box::new(GroupNorm::new(spec.clone(), num_channels, vb)?),
+        NormSpec::Layer { .. } => Box::new(LayerNorm::new(spec.clone(), num_channels, vb)?),
+        NormSpec::Instance { .. } => Box::new(InstanceNorm::new(spec.clone(), num_channels, vb)?),
     })
 }

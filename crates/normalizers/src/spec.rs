@@ -27,6 +27,25 @@ impl fmt::Display for Momentum {
     }
 }
 
+/// Which implementation computes a normalizer's training forward and backward.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Impl {
+    /// The fused CPU kernels (`kernels/`); the reference ops on devices without them.
+    #[default]
+    Fused,
+    /// The composite reference ops (`reference.rs`), differentiated by candle's autograd.
+    Reference,
+}
+
+impl fmt::Display for Impl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Impl::Fused => "fused",
+            Impl::Reference => "reference",
+        })
+    }
+}
+
 /// A parsed spec string. Build one with [`str::parse`], print it with `Display`.
 #[derive(Debug, Clone, PartialEq)]
 pub enum NormSpec {
@@ -35,21 +54,25 @@ pub enum NormSpec {
         eps: f64,
         affine: bool,
         track_running_stats: bool,
+        imp: Impl,
     },
     Group {
         groups: usize,
         eps: f64,
         affine: bool,
+        imp: Impl,
     },
     Layer {
         eps: f64,
         affine: bool,
+        imp: Impl,
     },
     Instance {
         eps: f64,
         affine: bool,
         track_running_stats: bool,
         momentum: Momentum,
+        imp: Impl,
     },
 }
 
@@ -66,6 +89,7 @@ impl NormSpec {
             eps: DEFAULT_EPS,
             affine: true,
             track_running_stats: true,
+            imp: Impl::Fused,
         }
     }
 
@@ -74,6 +98,7 @@ impl NormSpec {
             groups,
             eps: DEFAULT_EPS,
             affine: true,
+            imp: Impl::Fused,
         }
     }
 
@@ -81,6 +106,7 @@ impl NormSpec {
         NormSpec::Layer {
             eps: DEFAULT_EPS,
             affine: true,
+            imp: Impl::Fused,
         }
     }
 
@@ -90,6 +116,7 @@ impl NormSpec {
             affine: true,
             track_running_stats: false,
             momentum: DEFAULT_MOMENTUM,
+            imp: Impl::Fused,
         }
     }
 
@@ -121,6 +148,15 @@ impl NormSpec {
         }
     }
 
+    pub fn imp(&self) -> Impl {
+        match self {
+            NormSpec::Batch { imp, .. }
+            | NormSpec::Group { imp, .. }
+            | NormSpec::Layer { imp, .. }
+            | NormSpec::Instance { imp, .. } => *imp,
+        }
+    }
+
     /// Whether the output of one sample depends on the other samples of the batch in training.
     pub fn uses_batch_statistics(&self) -> bool {
         matches!(self, NormSpec::Batch { .. })
@@ -139,6 +175,7 @@ impl NormSpec {
                 eps,
                 affine,
                 track_running_stats,
+                ..
             } => {
                 if momentum != DEFAULT_MOMENTUM {
                     out.push(("momentum", momentum.to_string()));
@@ -155,6 +192,7 @@ impl NormSpec {
                 groups,
                 eps,
                 affine,
+                ..
             } => {
                 if groups != DEFAULT_GROUPS {
                     out.push(("groups", groups.to_string()));
@@ -164,7 +202,7 @@ impl NormSpec {
                     out.push(("affine", "false".into()));
                 }
             }
-            NormSpec::Layer { eps, affine } => {
+            NormSpec::Layer { eps, affine, .. } => {
                 default_eps(eps, &mut out);
                 if !affine {
                     out.push(("affine", "false".into()));
@@ -175,6 +213,7 @@ impl NormSpec {
                 affine,
                 track_running_stats,
                 momentum,
+                ..
             } => {
                 default_eps(eps, &mut out);
                 if !affine {
@@ -187,6 +226,9 @@ impl NormSpec {
                     out.push(("momentum", momentum.to_string()));
                 }
             }
+        }
+        if self.imp() != Impl::Fused {
+            out.push(("impl", self.imp().to_string()));
         }
         out
     }
@@ -226,6 +268,13 @@ impl NormSpec {
                 *momentum = parse_momentum(value, false)?
             }
             (NormSpec::Group { groups, .. }, "groups") => *groups = parse_groups(value)?,
+            (
+                NormSpec::Batch { imp, .. }
+                | NormSpec::Group { imp, .. }
+                | NormSpec::Layer { imp, .. }
+                | NormSpec::Instance { imp, .. },
+                "impl",
+            ) => *imp = parse_impl(value)?,
             (_, key) => bail!(
                 "unknown option \"{key}\" for normalizer {name}; valid options are {}",
                 valid_keys(name)
@@ -237,10 +286,18 @@ impl NormSpec {
 
 fn valid_keys(name: &str) -> &'static str {
     match name {
-        "bn" => "momentum, eps, affine, track_running_stats",
-        "gn" => "groups, eps, affine",
-        "ln" => "eps, affine",
-        _ => "eps, affine, track_running_stats, momentum",
+        "bn" => "momentum, eps, affine, track_running_stats, impl",
+        "gn" => "groups, eps, affine, impl",
+        "ln" => "eps, affine, impl",
+        _ => "eps, affine, track_running_stats, momentum, impl",
+    }
+}
+
+fn parse_impl(value: &str) -> Result<Impl> {
+    match value.to_ascii_lowercase().as_str() {
+        "fused" => Ok(Impl::Fused),
+        "reference" => Ok(Impl::Reference),
+        _ => bail!("option impl={value:?} is not an implementation; use fused or reference"),
     }
 }
 
@@ -375,12 +432,16 @@ mod tests {
                 momentum: Momentum::Cumulative,
                 eps: 1e-3,
                 affine: false,
-                track_running_stats: true
+                track_running_stats: true,
+                imp: Impl::Fused,
             }
         );
         assert_eq!(spec.to_string(), "bn:momentum=none,eps=1e-3,affine=false");
         let gn: NormSpec = "gn:groups=4,eps=0.00002".parse().unwrap();
         assert_eq!(gn.to_string(), "gn:groups=4,eps=2e-5");
         assert_eq!(gn.to_string().parse::<NormSpec>().unwrap(), gn);
+        let reference: NormSpec = "ln:impl=reference".parse().unwrap();
+        assert_eq!(reference.imp(), Impl::Reference);
+        assert_eq!(reference.to_string(), "ln:impl=reference");
     }
 }

@@ -6,7 +6,7 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor, Var};
-use common::{assert_close, build, to_f64, var, weighted_sum};
+use common::{assert_close, both_impls, build, to_f64, var, weighted_sum};
 use serde::Deserialize;
 
 #[derive(Deserialize)]
@@ -60,10 +60,17 @@ fn input(values: &[f64], shape: &[usize], dtype: DType, strided: bool) -> (Var, 
     }
 }
 
-/// Runs `case` in `dtype` and checks it within `tol`.
+/// Runs `case` in `dtype` with the fused kernels and with the reference ops, and checks both
+/// within `tol`.
 fn check_case(case: &Case, dtype: DType, strided: bool, tol: f64) {
+    for spec in both_impls(&case.spec) {
+        check_impl(case, &spec, dtype, strided, tol);
+    }
+}
+
+fn check_impl(case: &Case, spec: &str, dtype: DType, strided: bool, tol: f64) {
     let c = case.shape[1];
-    let (norm, varmap) = build(&case.spec, c, dtype);
+    let (norm, varmap) = build(spec, c, dtype);
     let dev = &Device::Cpu;
     for (name, values) in [("weight", &case.weight), ("bias", &case.bias)] {
         if let Some(values) = values {
@@ -77,14 +84,13 @@ fn check_case(case: &Case, dtype: DType, strided: bool, tol: f64) {
     assert_eq!(
         case.weight.is_some(),
         var(&varmap, "weight").is_some(),
-        "{}: weight exists iff affine",
-        case.spec
+        "{spec}: weight exists iff affine"
     );
     let r = Tensor::from_vec(case.r.clone(), case.shape.as_slice(), dev).unwrap();
     let what = |part: &str| {
         format!(
-            "{} {:?} {dtype:?} strided={strided}: {part}",
-            case.spec, case.shape
+            "{spec} {:?} {dtype:?} strided={strided}: {part}",
+            case.shape
         )
     };
 

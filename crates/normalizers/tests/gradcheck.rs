@@ -4,12 +4,19 @@
 mod common;
 
 use candle_core::{DType, Tensor, Var};
-use common::{build, randomize_affine, seeded, to_f64, var, weighted_sum};
+use common::{both_impls, build, randomize_affine, seeded, to_f64, var, weighted_sum};
 
 const H: f64 = 1e-6;
 
-/// Checks d(sum(y · r))/dθ for the input, weight and bias of `spec` on `shape`.
+/// Checks d(sum(y · r))/dθ for the input, weight and bias of `spec` on `shape`, with the fused
+/// kernels and with the reference ops.
 fn gradcheck(spec: &str, shape: &[usize], train: bool) {
+    for spec in both_impls(spec) {
+        gradcheck_impl(&spec, shape, train);
+    }
+}
+
+fn gradcheck_impl(spec: &str, shape: &[usize], train: bool) {
     let c = shape[1];
     let (norm, varmap) = build(spec, c, DType::F64);
     randomize_affine(&varmap, c, 7);

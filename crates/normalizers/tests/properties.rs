@@ -6,7 +6,7 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use common::{assert_close, build, randomize_affine, to_f64};
-use normalizers::{Momentum, NormSpec};
+use normalizers::{Impl, Momentum, NormSpec};
 use proptest::prelude::*;
 
 /// (N, C, spatial...) with C a multiple of `groups`, and values with per-tensor offset and scale.
@@ -94,33 +94,44 @@ fn spec_strategy() -> impl Strategy<Value = NormSpec> {
         Just(Momentum::Cumulative)
     ];
     let exp_momentum = (0.0f64..=1.0).prop_map(Momentum::Exponential);
+    let imp = prop_oneof![Just(Impl::Fused), Just(Impl::Reference)];
     prop_oneof![
-        (momentum, eps.clone(), any::<bool>(), any::<bool>()).prop_map(
-            |(momentum, eps, affine, track_running_stats)| {
+        (
+            momentum,
+            eps.clone(),
+            any::<bool>(),
+            any::<bool>(),
+            imp.clone()
+        )
+            .prop_map(|(momentum, eps, affine, track_running_stats, imp)| {
                 NormSpec::Batch {
                     momentum,
                     eps,
                     affine,
                     track_running_stats,
+                    imp,
                 }
-            }
-        ),
-        (1usize..64, eps.clone(), any::<bool>()).prop_map(|(groups, eps, affine)| {
-            NormSpec::Group {
+            }),
+        (1usize..64, eps.clone(), any::<bool>(), imp.clone()).prop_map(
+            |(groups, eps, affine, imp)| NormSpec::Group {
                 groups,
                 eps,
                 affine,
+                imp
             }
+        ),
+        (eps.clone(), any::<bool>(), imp.clone()).prop_map(|(eps, affine, imp)| NormSpec::Layer {
+            eps,
+            affine,
+            imp
         }),
-        (eps.clone(), any::<bool>()).prop_map(|(eps, affine)| NormSpec::Layer { eps, affine }),
-        (eps, any::<bool>(), any::<bool>(), exp_momentum).prop_map(
-            |(eps, affine, track_running_stats, momentum)| {
-                NormSpec::Instance {
-                    eps,
-                    affine,
-                    track_running_stats,
-                    momentum,
-                }
+        (eps, any::<bool>(), any::<bool>(), exp_momentum, imp).prop_map(
+            |(eps, affine, track_running_stats, momentum, imp)| NormSpec::Instance {
+                eps,
+                affine,
+                track_running_stats,
+                momentum,
+                imp,
             }
         ),
     ]

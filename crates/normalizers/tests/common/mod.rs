@@ -47,7 +47,10 @@ pub fn seeded(shape: &[usize], seed: u64, offset: f64, scale: f64) -> Tensor {
     let n: usize = shape.iter().product();
     let values: Vec<f64> = (0..n)
         .map(|_| {
-            offset + scale * (rng.gen::<f64>() + rng.gen::<f64>() + rng.gen::<f64>() - 1.5) * 2.0
+            offset
+                + scale
+                    * (rng.random::<f64>() + rng.random::<f64>() + rng.random::<f64>() - 1.5)
+                    * 2.0
         })
         .collect();
     Tensor::from_vec(values, shape, &Device::Cpu).unwrap()
@@ -61,4 +64,15 @@ pub fn randomize_affine(varmap: &VarMap, c: usize, seed: u64) {
             v.set(&t.to_dtype(v.dtype()).unwrap()).unwrap();
         }
     }
+}
+
+/// `spec` with `impl=reference` added: the composite twin of the same normalizer.
+pub fn reference_of(spec: &str) -> String {
+    let sep = if spec.contains(':') { ',' } else { ':' };
+    format!("{spec}{sep}impl=reference")
+}
+
+/// The spec as given (fused kernels by default) and its reference twin.
+pub fn both_impls(spec: &str) -> [String; 2] {
+    [spec.to_string(), reference_of(spec)]
 }

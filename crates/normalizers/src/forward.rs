@@ -1,0 +1,112 @@
+//! The forward passes every normalizer shares, each with its two implementations behind one
+//! call: the fused kernels (`kernels/`) on the CPU, the reference ops (`reference.rs`) when asked
+//! for with `impl=reference` or on other devices.
+
+use crate::input::{self, InputDims};
+use crate::kernels::{self, Sets};
+use crate::params::{apply_affine, Affine, RunningStats};
+use crate::reference;
+use crate::spec::Impl;
+use candle_core::{DType, Result, Tensor};
+
+/// The output of a forward pass with batch statistics, and those statistics: the mean and
+/// biased variance of every set (C for `Sets::Channels`, N·G for `Sets::Groups`), float64,
+/// detached.
+pub struct Normalized {
+    pub y: Tensor,
+    pub mean: Tensor,
+    pub var: Tensor,
+}
+
+fn use_kernels(x: &Tensor, imp: Impl) -> bool {
+    imp == Impl::Fused && x.device().is_cpu()
+}
+
+/// The dtype the kernels run in for an input dtype: f64 for f64, f32 otherwise.
+fn kernel_dtype(dtype: DType) -> DType {
+    if dtype == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    }
+}
+
+/// Normalizes `x` with its own statistics over `sets` and applies the affine transform.
+pub fn with_batch_stats(
+    x: &Tensor,
+    d: InputDims,
+    sets: Sets,
+    eps: f64,
+    affine: &Option<Affine>,
+    imp: Impl,
+) -> Result<Normalized> {
+    if use_kernels(x, imp) {
+        let dtype = kernel_dtype(x.dtype());
+        let x3 = x.to_dtype(dtype)?.reshape((d.n, d.c, d.s))?;
+        let (weight, bias) = match affine {
+            Some(a) => (a.weight.to_dtype(dtype)?, a.bias.to_dtype(dtype)?),
+            None => (
+                Tensor::ones(d.c, dtype, x.device())?,
+                Tensor::zeros(d.c, dtype, x.device())?,
+            ),
+        };
+        let (y3, stats) = kernels::fused_normalize(&x3, &weight, &bias, sets, eps)?;
+        let stat = |v: Vec<f64>| Tensor::from_vec(v, stats.mean.len(), x.device());
+        return Ok(Normalized {
+            y: input::unview(y3, x)?,
+            mean: stat(stats.mean.clone())?,
+            var: stat(stats.var)?,
+        });
+    }
+    let x3 = input::view3(x, d)?;
+    let (xhat, mean, var) = match sets {
+        Sets::Channels => reference::batch_norm_train(&x3, eps)?,
+        Sets::Groups(g) => reference::group_norm(&x3, g, eps)?,
+    };
+    let flat = |t: Tensor| -> Result<Tensor> { t.detach().flatten_all()?.to_dtype(DType::F64) };
+    Ok(Normalized {
+        y: input::unview(apply_affine(xhat, affine)?, x)?,
+        mean: flat(mean)?,
+        var: flat(var)?,
+    })
+}
+
+/// Normalizes each channel of `x` with the running statistics and applies the affine transform.
+pub fn with_running_stats(
+    x: &Tensor,
+    d: InputDims,
+    running: &RunningStats,
+    eps: f64,
+    affine: &Option<Affine>,
+    imp: Impl,
+) -> Result<Tensor> {
+    if use_kernels(x, imp) {
+        // (x − μ)·(w / sqrt(σ² + eps)) + b in the kernels' dtype: three passes, and no
+        // cancellation between x·scale and a large shift.
+        let dtype = kernel_dtype(x.dtype());
+        let x3 = x.to_dtype(dtype)?.reshape((d.n, d.c, d.s))?;
+        let (mean, var) = running.stored()?;
+        let inv_std = (var.to_dtype(DType::F64)? + eps)?
+            .sqrt()?
+            .recip()?
+            .to_dtype(dtype)?;
+        let (scale, shift) = match affine {
+            Some(a) => (
+                (a.weight.to_dtype(dtype)? * inv_std)?,
+                Some(a.bias.to_dtype(dtype)?),
+            ),
+            None => (inv_std, None),
+        };
+        let per_channel = |t: &Tensor| t.reshape((1, d.c, 1));
+        let y3 = x3
+            .broadcast_sub(&per_channel(&mean.to_dtype(dtype)?)?)?
+            .broadcast_mul(&per_channel(&scale)?)?;
+        let y3 = match shift {
+            Some(b) => y3.broadcast_add(&per_channel(&b)?)?,
+            None => y3,
+        };
+        return input::unview(y3, x);
+    }
+    let x3 = input::view3(x, d)?;
+    input::unview(apply_affine(running.normalize(&x3, eps)?, affine)?, x)
+}

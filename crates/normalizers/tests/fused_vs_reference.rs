@@ -1,0 +1,100 @@
+//! The fused kernels against their reference twins on random shapes, specs and dtypes,
+//! contiguous and strided: outputs, input/weight/bias gradients and running statistics.
+
+mod common;
+
+use candle_core::{DType, Var};
+use common::{assert_close, randomize_affine, reference_of, seeded, to_f64, var, weighted_sum};
+use proptest::prelude::*;
+
+const SPECS: [&str; 9] = [
+    "bn",
+    "bn:momentum=none,eps=1e-3",
+    "bn:affine=false",
+    "gn:groups=2",
+    "gn:groups=1,affine=false",
+    "ln",
+    "in",
+    "in:track_running_stats=true",
+    "in:affine=false",
+];
+
+/// Output, gradients and running statistics after two training steps and one evaluation.
+fn outcome(
+    spec: &str,
+    shape: &[usize],
+    dtype: DType,
+    strided: bool,
+    seed: u64,
+) -> Vec<(String, Vec<f64>)> {
+    let c = shape[1];
+    let (norm, varmap) = common::build(spec, c, dtype);
+    randomize_affine(&varmap, c, seed);
+    let mut out = Vec::new();
+    for (step, train) in [true, true, false].into_iter().enumerate() {
+        let x = seeded(shape, seed + step as u64, 3.0, 2.0)
+            .to_dtype(dtype)
+            .unwrap();
+        let (xv, view) = if strided {
+            let v = Var::from_tensor(&x.transpose(0, 1).unwrap().contiguous().unwrap()).unwrap();
+            let view = v.as_tensor().transpose(0, 1).unwrap();
+            (v, view)
+        } else {
+            let v = Var::from_tensor(&x).unwrap();
+            let view = v.as_tensor().clone();
+            (v, view)
+        };
+        let y = norm.forward_t(&view, train).unwrap();
+        let grads = weighted_sum(&y, &seeded(shape, 100 + seed, 0.0, 1.0))
+            .unwrap()
+            .backward()
+            .unwrap();
+        out.push((format!("y{step}"), to_f64(&y)));
+        out.push((
+            format!("dx{step}"),
+            to_f64(grads.get(xv.as_tensor()).unwrap()),
+        ));
+        for name in ["weight", "bias"] {
+            if let Some(v) = var(&varmap, name) {
+                out.push((
+                    format!("d{name}{step}"),
+                    to_f64(grads.get(v.as_tensor()).unwrap()),
+                ));
+            }
+        }
+        if let Some((m, v)) = norm.running_stats().unwrap() {
+            out.push((format!("running_mean{step}"), to_f64(&m)));
+            out.push((format!("running_var{step}"), to_f64(&v)));
+        }
+    }
+    out
+}
+
+fn shape_strategy() -> impl Strategy<Value = Vec<usize>> {
+    (2usize..4, 1usize..3, prop::collection::vec(2usize..6, 1..4)).prop_map(|(n, k, spatial)| {
+        let mut shape = vec![n, 2 * k];
+        shape.extend(spatial);
+        shape
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+
+    #[test]
+    fn fused_kernels_match_the_reference_ops(
+        spec in prop::sample::select(SPECS.to_vec()),
+        shape in shape_strategy(),
+        dtype in prop::sample::select(vec![DType::F32, DType::F64, DType::BF16]),
+        strided in any::<bool>(),
+        seed in 0u64..1000,
+    ) {
+        let tol = match dtype { DType::F64 => 1e-10, DType::F32 => 1e-4, _ => 0.05 };
+        let fused = outcome(spec, &shape, dtype, strided, seed);
+        let reference = outcome(&reference_of(spec), &shape, dtype, strided, seed);
+        prop_assert_eq!(fused.len(), reference.len());
+        for ((name, a), (_, b)) in fused.iter().zip(&reference) {
+            assert_close(&format!("{spec} {shape:?} {dtype:?} strided={strided}: {name}"), a, b, tol);
+        }
+    }
+}

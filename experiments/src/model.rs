@@ -1,0 +1,358 @@
+//! A small ResNet for the sweep: a 3×3 stem, three stages of residual blocks at widths w, 2w,
+//! 4w (the first block of stages 2 and 3 halves the resolution, with a 1×1 projection shortcut),
+//! global average pooling and a linear classifier. A normalizer, chosen by spec, follows every
+//! convolution; the last normalizer of each residual block starts with weight 0 (Goyal et al.
+//! 2017, as in the GroupNorm paper), so each block starts as the identity.
+
+use anyhow::{bail, ensure, Context, Result};
+use candle_core::{DType, Device, Module, Tensor, Var};
+use candle_nn::{VarBuilder, VarMap};
+use conv::{conv2d_no_bias, Conv2d, Conv2dConfig, ConvImpl};
+use normalizers::Normalizer;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use rand_distr::{Distribution, Normal, Uniform};
+use std::fmt;
+use std::str::FromStr;
+
+/// `resnet:width=W,blocks=B,groups=G`: stage widths W, 2W, 4W with B blocks each; G is the
+/// group count the sweep gives GroupNorm by default (it must divide W).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ModelConfig {
+    pub width: usize,
+    pub blocks: usize,
+    pub groups: usize,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        Self {
+            width: 16,
+            blocks: 1,
+            groups: 8,
+        }
+    }
+}
+
+impl FromStr for ModelConfig {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        let (name, opts) = s.split_once(':').unwrap_or((s, ""));
+        ensure!(
+            name == "resnet",
+            "unknown model {name:?}; expected resnet[:width=W,blocks=B,groups=G]"
+        );
+        let mut cfg = ModelConfig::default();
+        for kv in opts.split(',').filter(|kv| !kv.is_empty()) {
+            let (k, v) = kv.split_once('=').with_context(|| {
+                format!("malformed option {kv:?} in --model {s:?}; write key=value")
+            })?;
+            let n: usize = v.parse().ok().filter(|&n| n > 0).with_context(|| {
+                format!("--model option {k}={v:?} is not a positive whole number")
+            })?;
+            match k {
+                "width" => cfg.width = n,
+                "blocks" => cfg.blocks = n,
+                "groups" => cfg.groups = n,
+                _ => bail!("unknown --model option {k:?}; resnet takes width, blocks, groups"),
+            }
+        }
+        ensure!(
+            cfg.width % cfg.groups == 0,
+            "--model {s:?}: groups={} must divide width={}",
+            cfg.groups,
+            cfg.width
+        );
+        Ok(cfg)
+    }
+}
+
+impl fmt::Display for ModelConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "resnet:width={},blocks={},groups={}",
+            self.width, self.blocks, self.groups
+        )
+    }
+}
+
+/// Where normalizers take their statistics from in one forward pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Training: batch statistics, running statistics updated.
+    Train,
+    /// Evaluation: running statistics where tracked.
+    Eval,
+    /// Evaluation with the statistics of the evaluated batch, running statistics untouched.
+    BatchStats,
+}
+
+#[derive(Debug)]
+struct ConvNorm {
+    conv: Conv2d,
+    norm: Box<dyn Normalizer>,
+}
+
+impl ConvNorm {
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        cin: usize,
+        cout: usize,
+        kernel: usize,
+        stride: usize,
+        norm: &str,
+        conv_impl: ConvImpl,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        let cfg = Conv2dConfig {
+            stride,
+            padding: kernel / 2,
+            dilation: 1,
+        };
+        Ok(Self {
+            conv: conv2d_no_bias(cin, cout, kernel, cfg, conv_impl, vb.pp("conv"))?,
+            norm: normalizers::from_spec(norm, cout, vb.pp("norm"))
+                .with_context(|| format!("cannot build normalizer {norm:?} for {cout} channels"))?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
+        let y = self.conv.forward(x)?;
+        Ok(match mode {
+            Mode::Train => self.norm.forward_t(&y, true)?,
+            Mode::Eval => self.norm.forward_t(&y, false)?,
+            Mode::BatchStats => self.norm.forward_batch_stats(&y)?,
+        })
+    }
+}
+
+#[derive(Debug)]
+struct Block {
+    first: ConvNorm,
+    second: ConvNorm,
+    shortcut: Option<ConvNorm>,
+}
+
+impl Block {
+    fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
+        let y = self.first.forward(x, mode)?.relu()?;
+        let y = self.second.forward(&y, mode)?;
+        let skip = match &self.shortcut {
+            Some(s) => s.forward(x, mode)?,
+            None => x.clone(),
+        };
+        Ok((y + skip)?.relu()?)
+    }
+}
+
+#[derive(Debug)]
+pub struct ResNet {
+    stem: ConvNorm,
+    blocks: Vec<Block>,
+    fc_weight: Tensor,
+    fc_bias: Tensor,
+}
+
+impl ResNet {
+    /// Builds the model with its variables in `varmap` and draws their initial values from
+    /// `seed`: convolutions Kaiming-normal (fan-out, as torchvision's ResNet), the classifier
+    /// uniform in ±1/sqrt(fan_in) (PyTorch's Linear), normalizer weights 1 and biases 0, and the
+    /// last normalizer weight of every block 0.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        cfg: ModelConfig,
+        in_channels: usize,
+        classes: usize,
+        norm: &str,
+        conv_impl: ConvImpl,
+        varmap: &VarMap,
+        seed: u64,
+    ) -> Result<Self> {
+        let vb = VarBuilder::from_varmap(varmap, DType::F32, &Device::Cpu);
+        let w = cfg.width;
+        let stem = ConvNorm::new(in_channels, w, 3, 1, norm, conv_impl, vb.pp("stem"))?;
+        let mut blocks = Vec::new();
+        let mut cin = w;
+        for stage in 0..3 {
+            let cout = w << stage;
+            for b in 0..cfg.blocks {
+                let vb = vb.pp(format!("stage{}.block{b}", stage + 1));
+                let stride = if stage > 0 && b == 0 { 2 } else { 1 };
+                let shortcut = (stride != 1 || cin != cout)
+                    .then(|| {
+                        ConvNorm::new(cin, cout, 1, stride, norm, conv_impl, vb.pp("shortcut"))
+                    })
+                    .transpose()?;
+                blocks.push(Block {
+                    first: ConvNorm::new(cin, cout, 3, stride, norm, conv_impl, vb.pp("first"))?,
+                    second: ConvNorm::new(cout, cout, 3, 1, norm, conv_impl, vb.pp("second"))?,
+                    shortcut,
+                });
+                cin = cout;
+            }
+        }
+        let fc = vb.pp("fc");
+        let model = Self {
+            stem,
+            blocks,
+            fc_weight: fc.get((classes, cin), "weight")?,
+            fc_bias: fc.get(classes, "bias")?,
+        };
+        initialize(varmap, seed)?;
+        Ok(model)
+    }
+
+    /// Logits (N, classes) for images (N, C, H, W).
+    pub fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
+        let mut y = self.stem.forward(x, mode)?.relu()?;
+        for block in &self.blocks {
+            y = block.forward(&y, mode)?;
+        }
+        let pooled = y.mean((2, 3))?;
+        Ok(pooled
+            .matmul(&self.fc_weight.t()?)?
+            .broadcast_add(&self.fc_bias)?)
+    }
+}
+
+/// Draws every variable's initial value from `seed`, in the sorted order of the names.
+fn initialize(varmap: &VarMap, seed: u64) -> Result<()> {
+    let data = varmap
+        .data()
+        .lock()
+        .map_err(|_| anyhow::anyhow!("poisoned VarMap"))?;
+    let mut names: Vec<&String> = data.keys().collect();
+    names.sort();
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    for name in names {
+        let var = &data[name];
+        let dims = var.dims().to_vec();
+        let n: usize = dims.iter().product();
+        let values: Vec<f32> = if name.ends_with("conv.weight") {
+            let fan_out = (dims[0] * dims[2] * dims[3]) as f32;
+            let normal = Normal::new(0.0, (2.0 / fan_out).sqrt())?;
+            (0..n).map(|_| normal.sample(&mut rng)).collect()
+        } else if name.starts_with("fc.") {
+            let fan_in = *data["fc.weight"].dims().last().unwrap_or(&1) as f32;
+            let bound = 1.0 / fan_in.sqrt();
+            let uniform = Uniform::new(-bound, bound)?;
+            (0..n).map(|_| uniform.sample(&mut rng)).collect()
+        } else if name.ends_with("second.norm.weight") {
+            vec![0.0; n]
+        } else {
+            continue; // normalizer weights (1), biases (0) and running statistics keep their init
+        };
+        set(var, Tensor::from_vec(values, dims, &Device::Cpu)?)?;
+    }
+    Ok(())
+}
+
+fn set(var: &Var, value: Tensor) -> Result<()> {
+    var.set(&value.to_dtype(var.dtype())?)?;
+    Ok(())
+}
+
+/// Whether a variable is a normalizer's (no weight decay) or a running statistic (not trained).
+pub fn is_normalizer_var(name: &str) -> bool {
+    name.contains(".norm.")
+}
+
+pub fn is_running_stat(name: &str) -> bool {
+    name.ends_with("running_mean")
+        || name.ends_with("running_var")
+        || name.ends_with("num_batches_tracked")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn model_specs_parse_and_reject_bad_input() {
+        let cfg: ModelConfig = "resnet:width=8,groups=4".parse().unwrap();
+        assert_eq!(
+            cfg,
+            ModelConfig {
+                width: 8,
+                blocks: 1,
+                groups: 4
+            }
+        );
+        assert_eq!(cfg.to_string().parse::<ModelConfig>().unwrap(), cfg);
+        for (bad, msg) in [
+            ("vgg", "unknown model"),
+            ("resnet:width=0", "positive whole number"),
+            ("resnet:width=12,groups=8", "must divide"),
+            ("resnet:depth=3", "unknown --model option"),
+        ] {
+            let e = bad.parse::<ModelConfig>().unwrap_err().to_string();
+            assert!(e.contains(msg), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn initialization_is_seeded_and_zeroes_the_last_norm_of_each_block() {
+        let build = |seed| {
+            let varmap = VarMap::new();
+            let model = ResNet::new(
+                ModelConfig::default(),
+                3,
+                10,
+                "bn",
+                ConvImpl::Fast,
+                &varmap,
+                seed,
+            )
+            .unwrap();
+            (model, varmap)
+        };
+        let value = |vm: &VarMap, name: &str| -> Vec<f32> {
+            vm.data().lock().unwrap()[name]
+                .as_tensor()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap()
+        };
+        let ((_, a), (_, b), (_, c)) = (build(1), build(1), build(2));
+        let w = "stage2.block0.first.conv.weight";
+        assert_eq!(value(&a, w), value(&b, w));
+        assert_ne!(value(&a, w), value(&c, w));
+        assert!(value(&a, "stage1.block0.second.norm.weight")
+            .iter()
+            .all(|&v| v == 0.0));
+        assert!(value(&a, "stage1.block0.first.norm.weight")
+            .iter()
+            .all(|&v| v == 1.0));
+        let std = {
+            let v = value(&a, w);
+            (v.iter().map(|x| x * x).sum::<f32>() / v.len() as f32).sqrt()
+        };
+        let expected = (2.0f32 / (32.0 * 9.0)).sqrt();
+        assert!(
+            (std / expected - 1.0).abs() < 0.1,
+            "kaiming std {std} vs {expected}"
+        );
+    }
+
+    #[test]
+    fn forward_gives_logits_per_image() {
+        let varmap = VarMap::new();
+        let model = ResNet::new(
+            ModelConfig::default(),
+            3,
+            10,
+            "gn:groups=8",
+            ConvImpl::Fast,
+            &varmap,
+            0,
+        )
+        .unwrap();
+        let x = Tensor::randn(0f32, 1.0, (2, 3, 16, 16), &Device::Cpu).unwrap();
+        for mode in [Mode::Train, Mode::Eval, Mode::BatchStats] {
+            assert_eq!(model.forward(&x, mode).unwrap().dims(), [2, 10]);
+        }
+    }
+}

@@ -1,0 +1,409 @@
+//! The sweep: every normalizer × batch size × seed, run in parallel jobs, resumable, shardable.
+
+use crate::data::{Dataset, DatasetSpec};
+use crate::model::{ModelConfig, ResNet};
+use crate::report;
+use crate::results::{self, write_atomic, MANIFEST_JSON};
+use crate::train::{self, EpochRow, RunKey, RunRow, TrainConfig};
+use anyhow::{bail, ensure, Context, Result};
+use candle_nn::VarMap;
+use indicatif::{ProgressBar, ProgressStyle};
+use normalizers::NormSpec;
+use serde_json::json;
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::SystemTime;
+
+/// Everything a sweep runs.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub norms: Vec<String>,
+    pub batch_sizes: Vec<usize>,
+    pub seeds: Vec<u64>,
+    pub dataset: DatasetSpec,
+    pub train: TrainConfig,
+    /// (i, n): this process runs the i-th of n interleaved shares of the runs, 1 ≤ i ≤ n.
+    pub shard: Option<(usize, usize)>,
+}
+
+/// Splits a comma-separated list of spec strings, where a spec's own options also use commas:
+/// a piece with `=` but no `:` continues the spec before it (`bn,gn:groups=8,eps=1e-3,ln`).
+/// Each spec is returned in canonical form.
+pub fn parse_norms(list: &str) -> Result<Vec<String>> {
+    let mut specs: Vec<String> = Vec::new();
+    for piece in list.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        match specs.last_mut() {
+            Some(prev) if piece.contains('=') && !piece.contains(':') => {
+                prev.push(',');
+                prev.push_str(piece);
+            }
+            _ => specs.push(piece.to_string()),
+        }
+    }
+    ensure!(!specs.is_empty(), "--norms is empty; give spec strings such as bn,gn:groups=8");
+    let mut canonical = Vec::new();
+    for spec in specs {
+        let parsed: NormSpec = spec.parse().with_context(|| format!("--norms: bad spec {spec:?}"))?;
+        let c = parsed.to_string();
+        ensure!(!canonical.contains(&c), "--norms names {c} twice");
+        canonical.push(c);
+    }
+    Ok(canonical)
+}
+
+/// Parses `i/n` with 1 ≤ i ≤ n.
+pub fn parse_shard(s: &str) -> Result<(usize, usize)> {
+    let parsed = s
+        .split_once('/')
+        .and_then(|(i, n)| Some((i.trim().parse::<usize>().ok()?, n.trim().parse::<usize>().ok()?)));
+    match parsed {
+        Some((i, n)) if n >= 1 && (1..=n).contains(&i) => Ok((i, n)),
+        _ => bail!("--shard {s:?} is not i/n with 1 <= i <= n (e.g. --shard 2/4 runs the second of four shares)"),
+    }
+}
+
+impl Plan {
+    /// All runs, seeds outermost (a partial sweep has complete comparisons for its first seeds),
+    /// then batch sizes, then normalizers; only this shard's share.
+    pub fn runs(&self) -> Vec<RunKey> {
+        let mut all = Vec::new();
+        for &seed in &self.seeds {
+            for &batch_size in &self.batch_sizes {
+                for norm in &self.norms {
+                    all.push(RunKey { norm: norm.clone(), batch_size, seed });
+                }
+            }
+        }
+        match self.shard {
+            Some((i, n)) => all.into_iter().enumerate().filter(|(j, _)| j % n == i - 1).map(|(_, k)| k).collect(),
+            None => all,
+        }
+    }
+
+    /// The settings every run of a sweep folder must share (everything but what is swept).
+    pub fn settings(&self) -> serde_json::Value {
+        json!({ "dataset": self.dataset.to_string(), "train": self.train })
+    }
+
+    /// A stable name for the sweep's settings: `sweep-` and 8 hex digits of their FNV-1a hash.
+    pub fn id(&self) -> String {
+        let text = self.settings().to_string();
+        let hash = text.bytes().fold(0xcbf29ce484222325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3));
+        format!("sweep-{:08x}", hash >> 32)
+    }
+
+    /// Checks everything that could fail before any training: batch sizes against the data set
+    /// and the normalizers, and that every normalizer fits every layer of the model.
+    pub fn validate(&self, ds: &Dataset) -> Result<()> {
+        ensure!(!self.batch_sizes.is_empty(), "--batch-sizes is empty");
+        ensure!(!self.seeds.is_empty(), "--seeds is empty");
+        ensure!(self.train.epochs >= 1, "--epochs must be at least 1");
+        ensure!(
+            self.train.base_lr.is_finite() && self.train.base_lr > 0.0,
+            "--base-lr must be a positive number, got {}",
+            self.train.base_lr
+        );
+        for &b in &self.batch_sizes {
+            ensure!(b >= 1, "batch size 0 is not a batch size; use --batch-sizes 32,16,8,4,2");
+            ensure!(
+                b <= ds.train.len(),
+                "batch size {b} is larger than the training set ({} images)",
+                ds.train.len()
+            );
+            for norm in &self.norms {
+                let spec: NormSpec = norm.parse()?;
+                ensure!(
+                    !(b == 1 && spec.uses_batch_statistics()),
+                    "batch size 1 with {norm}: BatchNorm needs at least 2 images per batch to \
+                     take batch statistics; drop 1 from --batch-sizes or {norm} from --norms"
+                );
+            }
+        }
+        let model: ModelConfig = self.train.model.parse()?;
+        let conv: conv::ConvImpl = self.train.conv.parse()?;
+        for norm in &self.norms {
+            ResNet::new(model, ds.channels, ds.classes, norm, conv, &VarMap::new(), 0)
+                .with_context(|| format!("--norms {norm} does not fit --model {model}"))?;
+        }
+        Ok(())
+    }
+}
+
+fn now() -> String {
+    humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
+}
+
+fn command_output(cmd: &str, args: &[&str]) -> Option<String> {
+    let out = std::process::Command::new(cmd).args(args).output().ok()?;
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// The manifest: configuration, versions, machine, and the sweep's times.
+fn manifest(plan: &Plan, jobs: usize, threads_per_job: usize, start: &str, end: Option<&str>, done: usize, total: usize) -> serde_json::Value {
+    let commit = command_output("git", &["rev-parse", "HEAD"]).unwrap_or_else(|| "unknown".into());
+    let dirty = command_output("git", &["status", "--porcelain"]).map(|s| !s.is_empty());
+    json!({
+        "tool": "normbench experiments sweep",
+        "command": std::env::args().collect::<Vec<_>>(),
+        "settings": plan.settings(),
+        "norms": plan.norms,
+        "batch_sizes": plan.batch_sizes,
+        "seeds": plan.seeds,
+        "shard": plan.shard.map(|(i, n)| format!("{i}/{n}")),
+        "runs_in_plan": total,
+        "runs_finished": done,
+        "versions": {
+            "experiments": env!("CARGO_PKG_VERSION"),
+            "candle-core": env!("NORMBENCH_CANDLE_CORE_VERSION"),
+            "candle-nn": env!("NORMBENCH_CANDLE_NN_VERSION"),
+            "rustc": env!("NORMBENCH_RUSTC_VERSION"),
+        },
+        "git_commit": commit,
+        "git_dirty": dirty,
+        "jobs": jobs,
+        "threads_per_job": threads_per_job,
+        "os": std::env::consts::OS,
+        "arch": std::env::consts::ARCH,
+        "cpu": cpu_model(),
+        "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        "start_time": start,
+        "end_time": end,
+    })
+}
+
+/// Refuses to mix runs of different settings in one folder.
+fn check_settings(out: &Path, plan: &Plan) -> Result<()> {
+    let path = out.join(MANIFEST_JSON);
+    let Ok(text) = std::fs::read_to_string(&path) else {
+        return Ok(());
+    };
+    let old: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not valid JSON; move it away to start afresh", path.display()))?;
+    if old["settings"] != plan.settings() {
+        bail!(
+            "{} holds a sweep with other settings ({}), not ({}); use another --out, or the same \
+             settings to resume it",
+            out.display(),
+            old["settings"],
+            plan.settings()
+        );
+    }
+    Ok(())
+}
+
+enum Event {
+    Started(RunKey),
+    Epoch(EpochRow),
+    Finished(Result<(RunRow, Vec<EpochRow>)>, RunKey),
+}
+
+/// Prints a line above the progress bar, or plainly where the bar is hidden (no terminal).
+fn say(bar: &ProgressBar, line: String) {
+    if bar.is_hidden() {
+        eprintln!("{line}");
+    } else {
+        bar.println(line);
+    }
+}
+
+fn describe(k: &RunKey) -> String {
+    format!("{} B={} seed={}", k.norm, k.batch_size, k.seed)
+}
+
+/// Runs the plan into `out`, skipping runs already finished there.
+pub fn run(plan: &Plan, ds: Dataset, out: &Path, jobs: usize, verbose: bool) -> Result<()> {
+    plan.validate(&ds)?;
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    check_settings(out, plan)?;
+    let finished = results::finished(&results::repair(out)?);
+    let all = plan.runs();
+    let todo: VecDeque<RunKey> = all.iter().filter(|k| !finished.contains(k)).cloned().collect();
+    let skipped = all.len() - todo.len();
+    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let jobs = jobs.clamp(1, todo.len().max(1));
+    let threads_per_job = (cpus / jobs).max(1);
+    let start = now();
+    write_atomic(&out.join(MANIFEST_JSON), serde_json::to_vec_pretty(&manifest(plan, jobs, threads_per_job, &start, None, skipped, all.len()))?.as_slice())?;
+    eprintln!(
+        "sweep into {}: {} runs ({} already finished, {} to run) on {jobs} job(s) × {threads_per_job} thread(s)",
+        out.display(),
+        all.len(),
+        skipped,
+        todo.len()
+    );
+
+    let bar = ProgressBar::new(todo.len() as u64);
+    bar.set_style(
+        ProgressStyle::with_template("{bar:30} {pos}/{len} runs  {elapsed_precise} elapsed, ETA {eta_precise}  {msg}")
+            .expect("static template"),
+    );
+    let ds = Arc::new(ds);
+    let queue = Arc::new(Mutex::new(todo));
+    let (tx, rx) = mpsc::channel::<Event>();
+    let mut workers = Vec::new();
+    for _ in 0..jobs {
+        let (queue, tx, ds, cfg) = (queue.clone(), tx.clone(), ds.clone(), plan.train.clone());
+        workers.push(std::thread::spawn(move || -> Result<()> {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads_per_job).build()?;
+            loop {
+                let next = queue.lock().map_err(|_| anyhow::anyhow!("queue poisoned"))?.pop_front();
+                let Some(key) = next else { return Ok(()) };
+                let _ = tx.send(Event::Started(key.clone()));
+                let etx = tx.clone();
+                let result = pool.install(|| train::run(&key, &cfg, &ds, |e| { let _ = etx.send(Event::Epoch(e.clone())); }));
+                let _ = tx.send(Event::Finished(result, key));
+            }
+        }));
+    }
+    drop(tx);
+    let mut running: Vec<RunKey> = Vec::new();
+    let mut failure = None;
+    let mut done = skipped;
+    for event in rx {
+        match event {
+            Event::Started(k) => running.push(k),
+            Event::Epoch(e) if verbose => say(&bar, format!(
+                "{} epoch {}: lr {:.4}, train loss {:.4}, test error {:.2}%",
+                describe(&RunKey { norm: e.norm.clone(), batch_size: e.batch_size, seed: e.seed }),
+                e.epoch,
+                e.lr,
+                e.train_loss,
+                e.test_error
+            )),
+            Event::Epoch(_) => {}
+            Event::Finished(result, key) => {
+                running.retain(|k| k != &key);
+                match result.and_then(|(row, epochs)| results::record_run(out, &row, &epochs).map(|_| row)) {
+                    Ok(row) => {
+                        done += 1;
+                        let status = if row.diverged { "diverged".to_string() } else { format!("{:.2}% error", row.test_error) };
+                        say(&bar, format!("{}: {status} in {:.0}s", describe(&key), row.wall_seconds));
+                    }
+                    Err(e) => {
+                        // Stop handing out runs; the ones in flight finish and are kept.
+                        queue.lock().map_err(|_| anyhow::anyhow!("queue poisoned"))?.clear();
+                        failure.get_or_insert(e.context(format!("run {} failed", describe(&key))));
+                    }
+                }
+                bar.inc(1);
+            }
+        }
+        bar.set_message(running.iter().map(describe).collect::<Vec<_>>().join(", "));
+    }
+    bar.finish_and_clear();
+    for w in workers {
+        w.join().map_err(|_| anyhow::anyhow!("a worker thread panicked"))??;
+    }
+    write_atomic(&out.join(MANIFEST_JSON), serde_json::to_vec_pretty(&manifest(plan, jobs, threads_per_job, &start, Some(&now()), done, all.len()))?.as_slice())?;
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    report::report(out)?;
+    eprintln!("wrote {}", out.display());
+    Ok(())
+}
+
+/// Combines the finished runs of shard folders `sources` into `out` and rebuilds its reports.
+pub fn merge(out: &Path, sources: &[PathBuf]) -> Result<()> {
+    ensure!(!sources.is_empty(), "merge needs at least one shard folder");
+    let mut settings: Option<serde_json::Value> = None;
+    let mut manifest_of_first = None;
+    let (mut runs, mut epochs): (Vec<RunRow>, Vec<EpochRow>) = (Vec::new(), Vec::new());
+    for src in sources {
+        let path = src.join(MANIFEST_JSON);
+        let text = std::fs::read_to_string(&path).with_context(|| format!("{} is not a sweep folder (no {MANIFEST_JSON})", src.display()))?;
+        let m: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))?;
+        match &settings {
+            None => settings = Some(m["settings"].clone()),
+            Some(s) if *s != m["settings"] => bail!(
+                "{} was swept with other settings than {}; merge only shards of one sweep",
+                src.display(),
+                sources[0].display()
+            ),
+            Some(_) => {}
+        }
+        manifest_of_first.get_or_insert(m);
+        results::repair(src)?;
+        runs.extend(results::read_rows::<RunRow>(&src.join(results::RUNS_CSV))?);
+        epochs.extend(results::read_rows::<EpochRow>(&src.join(results::EPOCHS_CSV))?);
+    }
+    std::fs::create_dir_all(out)?;
+    let existing: Vec<RunRow> = results::repair(out)?;
+    let mut seen = results::finished(&existing);
+    let mut merged = existing;
+    let new: Vec<RunRow> = runs.into_iter().filter(|r| seen.insert(r.key())).collect();
+    let new_keys = results::finished(&new);
+    merged.extend(new);
+    let mut all_epochs: Vec<EpochRow> = results::read_rows(&out.join(results::EPOCHS_CSV))?;
+    all_epochs.extend(epochs.into_iter().filter(|e| new_keys.contains(&e.key())));
+    write_atomic(&out.join(results::EPOCHS_CSV), &results::to_csv(&all_epochs, true)?)?;
+    write_atomic(&out.join(results::RUNS_CSV), &results::to_csv(&merged, true)?)?;
+    let mut manifest = manifest_of_first.unwrap_or_default();
+    manifest["merged_from"] = json!(sources.iter().map(|p| p.display().to_string()).collect::<Vec<_>>());
+    manifest["shard"] = serde_json::Value::Null;
+    manifest["runs_finished"] = json!(merged.len());
+    write_atomic(&out.join(MANIFEST_JSON), &serde_json::to_vec_pretty(&manifest)?)?;
+    report::report(out)?;
+    eprintln!("merged {} runs into {}", merged.len(), out.display());
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn norms_split_on_commas_that_start_a_new_spec() {
+        assert_eq!(
+            parse_norms("bn, gn:groups=8,eps=1e-3,LAYER,in:track_running_stats=true").unwrap(),
+            ["bn", "gn:groups=8,eps=1e-3", "ln", "in:track_running_stats=true"]
+        );
+        assert!(parse_norms("bn,batch").unwrap_err().to_string().contains("twice"));
+        let e = format!("{:#}", parse_norms("bn,bx").unwrap_err());
+        assert!(e.contains("unknown normalizer \"bx\""), "{e}");
+    }
+
+    #[test]
+    fn shards_partition_the_runs() {
+        assert_eq!(parse_shard("2/4").unwrap(), (2, 4));
+        for bad in ["3/2", "0/2", "1/0", "x/2", "2"] {
+            assert!(parse_shard(bad).is_err(), "{bad}");
+        }
+        let mut plan = Plan {
+            norms: vec!["bn".into(), "gn".into()],
+            batch_sizes: vec![32, 2],
+            seeds: vec![0, 1, 2],
+            dataset: "synthetic".parse().unwrap(),
+            train: TrainConfig {
+                model: "resnet".into(),
+                epochs: 1,
+                base_lr: 0.1,
+                warmup_epochs: 1.0,
+                momentum: 0.9,
+                weight_decay: 5e-4,
+                large_eval_batch: 250,
+                conv: "fast".into(),
+            },
+            shard: None,
+        };
+        let all = plan.runs();
+        assert_eq!(all.len(), 12);
+        let mut union = Vec::new();
+        for i in 1..=3 {
+            plan.shard = Some((i, 3));
+            union.extend(plan.runs());
+        }
+        union.sort();
+        let mut sorted = all.clone();
+        sorted.sort();
+        assert_eq!(union, sorted);
+    }
+}

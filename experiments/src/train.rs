@@ -1,0 +1,259 @@
+//! One training run: a model, a normalizer, a batch size and a seed, trained with SGD and
+//! evaluated three ways.
+
+use crate::data::{Dataset, Split};
+use crate::model::{is_normalizer_var, is_running_stat, Mode, ModelConfig, ResNet};
+use crate::optim::Sgd;
+use anyhow::Result;
+use candle_core::{Device, Tensor};
+use candle_nn::VarMap;
+use conv::ConvImpl;
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+use std::time::Instant;
+
+/// Everything a run's numbers depend on besides the normalizer, batch size and seed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainConfig {
+    pub model: String,
+    pub epochs: usize,
+    /// Learning rate at batch size 32; a run at batch size B uses base_lr · B / 32.
+    pub base_lr: f64,
+    pub warmup_epochs: f64,
+    pub momentum: f64,
+    pub weight_decay: f64,
+    /// Batch size of the large-batch evaluation with batch statistics.
+    pub large_eval_batch: usize,
+    pub conv: String,
+}
+
+/// One run of the sweep.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RunKey {
+    pub norm: String,
+    pub batch_size: usize,
+    pub seed: u64,
+}
+
+/// A row of `runs.csv`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RunRow {
+    pub norm: String,
+    pub batch_size: usize,
+    pub seed: u64,
+    pub lr: f64,
+    pub epochs: usize,
+    pub steps: usize,
+    /// Percent, normalizers in evaluation mode (BatchNorm with its running statistics).
+    pub test_error: f64,
+    /// Percent, normalizing with the statistics of test batches of the training batch size.
+    pub test_error_batch_stats: f64,
+    /// Percent, normalizing with the statistics of test batches of `large_eval_batch`.
+    pub test_error_large_batch_stats: f64,
+    /// Mean training loss of the last epoch.
+    pub train_loss: f64,
+    pub wall_seconds: f64,
+    pub diverged: bool,
+}
+
+impl RunRow {
+    pub fn key(&self) -> RunKey {
+        RunKey {
+            norm: self.norm.clone(),
+            batch_size: self.batch_size,
+            seed: self.seed,
+        }
+    }
+}
+
+/// A row of `epochs.csv`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct EpochRow {
+    pub norm: String,
+    pub batch_size: usize,
+    pub seed: u64,
+    pub epoch: usize,
+    pub lr: f64,
+    pub train_loss: f64,
+    pub test_error: f64,
+}
+
+impl EpochRow {
+    pub fn key(&self) -> RunKey {
+        RunKey {
+            norm: self.norm.clone(),
+            batch_size: self.batch_size,
+            seed: self.seed,
+        }
+    }
+}
+
+/// Learning rate at `step` of `total`: linear warm-up over `warmup` steps to `peak`, then a
+/// cosine decay to 0.
+pub fn learning_rate(step: usize, total: usize, warmup: usize, peak: f64) -> f64 {
+    if step < warmup {
+        return peak * (step + 1) as f64 / warmup as f64;
+    }
+    let progress = (step - warmup) as f64 / (total - warmup).max(1) as f64;
+    peak * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())
+}
+
+fn batch(
+    split: &Split,
+    idx: &[usize],
+    image_len: usize,
+    shape: (usize, usize, usize),
+) -> Result<(Tensor, Tensor)> {
+    let mut images = Vec::with_capacity(idx.len() * image_len);
+    for &i in idx {
+        images.extend_from_slice(&split.images[i * image_len..(i + 1) * image_len]);
+    }
+    let labels: Vec<u32> = idx.iter().map(|&i| split.labels[i] as u32).collect();
+    let (c, h, w) = shape;
+    Ok((
+        Tensor::from_vec(images, (idx.len(), c, h, w), &Device::Cpu)?,
+        Tensor::from_vec(labels, idx.len(), &Device::Cpu)?,
+    ))
+}
+
+/// Test error in percent, evaluating in batches of `batch_size` (the last one may be smaller).
+pub fn test_error(model: &ResNet, ds: &Dataset, batch_size: usize, mode: Mode) -> Result<f64> {
+    let shape = (ds.channels, ds.height, ds.width);
+    let idx: Vec<usize> = (0..ds.test.len()).collect();
+    let mut wrong = 0usize;
+    for chunk in idx.chunks(batch_size) {
+        let (x, y) = batch(&ds.test, chunk, ds.image_len(), shape)?;
+        let pred = model.forward(&x, mode)?.argmax(1)?;
+        wrong += pred
+            .ne(&y)?
+            .to_dtype(candle_core::DType::U32)?
+            .sum_all()?
+            .to_scalar::<u32>()? as usize;
+    }
+    Ok(100.0 * wrong as f64 / ds.test.len() as f64)
+}
+
+/// Trains and evaluates one run; `on_epoch` sees each epoch's row as it completes.
+pub fn run(
+    key: &RunKey,
+    cfg: &TrainConfig,
+    ds: &Dataset,
+    mut on_epoch: impl FnMut(&EpochRow),
+) -> Result<(RunRow, Vec<EpochRow>)> {
+    let start = Instant::now();
+    let model_cfg: ModelConfig = cfg.model.parse()?;
+    let conv_impl: ConvImpl = cfg.conv.parse()?;
+    let varmap = VarMap::new();
+    let model = ResNet::new(
+        model_cfg,
+        ds.channels,
+        ds.classes,
+        &key.norm,
+        conv_impl,
+        &varmap,
+        key.seed,
+    )?;
+    let params = {
+        let data = varmap
+            .data()
+            .lock()
+            .map_err(|_| anyhow::anyhow!("poisoned VarMap"))?;
+        let mut named: Vec<_> = data.iter().filter(|(n, _)| !is_running_stat(n)).collect();
+        named.sort_by(|a, b| a.0.cmp(b.0));
+        named
+            .into_iter()
+            .map(|(n, v)| (v.clone(), !is_normalizer_var(n)))
+            .collect()
+    };
+    let mut sgd = Sgd::new(params, cfg.momentum, cfg.weight_decay);
+
+    let b = key.batch_size;
+    let steps_per_epoch = ds.train.len() / b;
+    let total = steps_per_epoch * cfg.epochs;
+    let warmup = ((cfg.warmup_epochs * steps_per_epoch as f64).round() as usize).min(total);
+    let peak = cfg.base_lr * b as f64 / 32.0;
+    let shape = (ds.channels, ds.height, ds.width);
+    let mut rng = ChaCha8Rng::seed_from_u64(key.seed ^ 0x5eed_0f_da7a);
+    let mut order: Vec<usize> = (0..ds.train.len()).collect();
+    let (mut step, mut diverged, mut train_loss) = (0, false, f64::NAN);
+    let mut epochs = Vec::new();
+
+    'training: for epoch in 1..=cfg.epochs {
+        order.shuffle(&mut rng);
+        let mut loss_sum = 0.0;
+        let mut lr = peak;
+        for chunk in order.chunks_exact(b) {
+            let (x, y) = batch(&ds.train, chunk, ds.image_len(), shape)?;
+            let logits = model.forward(&x, Mode::Train)?;
+            let loss = candle_nn::loss::cross_entropy(&logits, &y)?;
+            let value = loss.to_scalar::<f32>()? as f64;
+            if !value.is_finite() {
+                diverged = true;
+                break 'training;
+            }
+            loss_sum += value;
+            lr = learning_rate(step, total, warmup, peak);
+            sgd.step(&loss.backward()?, lr)?;
+            step += 1;
+        }
+        train_loss = loss_sum / steps_per_epoch as f64;
+        let row = EpochRow {
+            norm: key.norm.clone(),
+            batch_size: b,
+            seed: key.seed,
+            epoch,
+            lr,
+            train_loss,
+            test_error: test_error(&model, ds, cfg.large_eval_batch, Mode::Eval)?,
+        };
+        on_epoch(&row);
+        epochs.push(row);
+    }
+
+    let (err, err_b, err_large) = if diverged {
+        (f64::NAN, f64::NAN, f64::NAN)
+    } else {
+        (
+            epochs.last().map_or(f64::NAN, |e| e.test_error),
+            test_error(&model, ds, b, Mode::BatchStats)?,
+            test_error(&model, ds, cfg.large_eval_batch, Mode::BatchStats)?,
+        )
+    };
+    let row = RunRow {
+        norm: key.norm.clone(),
+        batch_size: b,
+        seed: key.seed,
+        lr: peak,
+        epochs: cfg.epochs,
+        steps: step,
+        test_error: err,
+        test_error_batch_stats: err_b,
+        test_error_large_batch_stats: err_large,
+        train_loss: if diverged { f64::NAN } else { train_loss },
+        wall_seconds: start.elapsed().as_secs_f64(),
+        diverged,
+    };
+    Ok((row, epochs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn learning_rate_warms_up_linearly_then_decays_to_zero() {
+        let (total, warmup, peak) = (100, 10, 0.4);
+        assert!((learning_rate(0, total, warmup, peak) - 0.04).abs() < 1e-12);
+        assert!((learning_rate(9, total, warmup, peak) - 0.4).abs() < 1e-12);
+        assert!((learning_rate(10, total, warmup, peak) - 0.4).abs() < 1e-12);
+        assert!((learning_rate(55, total, warmup, peak) - 0.2).abs() < 1e-12);
+        assert!(learning_rate(99, total, warmup, peak) < 1e-3);
+        for s in 10..99 {
+            assert!(
+                learning_rate(s + 1, total, warmup, peak) <= learning_rate(s, total, warmup, peak)
+            );
+        }
+    }
+}
