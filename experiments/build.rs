@@ -4,7 +4,10 @@ fn lock_version(lock: &str, name: &str) -> String {
     let mut lines = lock.lines();
     while let Some(line) = lines.next() {
         if line.trim() == format!("name = \"{name}\"") {
-            if let Some(v) = lines.next().and_then(|l| l.trim().strip_prefix("version = ")) {
+            if let Some(v) = lines
+                .next()
+                .and_then(|l| l.trim().strip_prefix("version = "))
+            {
                 return v.trim_matches('"').to_string();
             }
         }
@@ -14,8 +17,14 @@ fn lock_version(lock: &str, name: &str) -> String {
 
 fn main() {
     let lock = std::fs::read_to_string("../Cargo.lock").unwrap_or_default();
-    println!("cargo:rustc-env=NORMBENCH_CANDLE_CORE_VERSION={}", lock_version(&lock, "candle-core"));
-    println!("cargo:rustc-env=NORMBENCH_CANDLE_NN_VERSION={}", lock_version(&lock, "candle-nn"));
+    println!(
+        "cargo:rustc-env=NORMBENCH_CANDLE_CORE_VERSION={}",
+        lock_version(&lock, "candle-core")
+    );
+    println!(
+        "cargo:rustc-env=NORMBENCH_CANDLE_NN_VERSION={}",
+        lock_version(&lock, "candle-nn")
+    );
     let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
     let version = std::process::Command::new(rustc)
         .arg("--version")

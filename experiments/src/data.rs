@@ -208,7 +208,11 @@ fn grating_image(label: u8, size: usize, rng: &mut ChaCha8Rng) -> Vec<f32> {
     // Exposure and colour cast: images differ in overall gain and per-channel offset, as
     // photographs do; per-sample normalizers remove them, batch statistics of two images cannot.
     let gain = rng.random_range(-0.5f32..0.5).exp();
-    let cast = [rng.random_range(-0.25..0.25), rng.random_range(-0.25..0.25), rng.random_range(-0.25..0.25)];
+    let cast = [
+        rng.random_range(-0.25..0.25),
+        rng.random_range(-0.25..0.25),
+        rng.random_range(-0.25..0.25),
+    ];
     let mut colour = || {
         [
             rng.random::<f32>(),
@@ -450,28 +454,76 @@ mod tests {
         assert_ne!(a.train.images, c.train.images);
     }
 
+    /// One-way ANOVA F statistic of `values` grouped by `labels` (about 1 when the groups do
+    /// not differ).
+    fn f_statistic(values: &[f64], labels: &[u8], groups: usize) -> f64 {
+        let n = values.len() as f64;
+        let grand = values.iter().sum::<f64>() / n;
+        let (mut sum, mut count) = (vec![0f64; groups], vec![0f64; groups]);
+        for (v, &l) in values.iter().zip(labels) {
+            sum[l as usize] += v;
+            count[l as usize] += 1.0;
+        }
+        let mean: Vec<f64> = sum.iter().zip(&count).map(|(s, c)| s / c).collect();
+        let between: f64 = mean
+            .iter()
+            .zip(&count)
+            .map(|(m, c)| c * (m - grand).powi(2))
+            .sum();
+        let within: f64 = values
+            .iter()
+            .zip(labels)
+            .map(|(v, &l)| (v - mean[l as usize]).powi(2))
+            .sum();
+        (between / (groups - 1) as f64) / (within / (n - groups as f64))
+    }
+
     #[test]
     fn colour_statistics_do_not_reveal_the_class() {
-        // Mean brightness per class should be about the same: no class is brighter or more
-        // colourful than another.
+        // Per-image mean and spread of every channel: their class means differ no more than
+        // chance allows (F < 3, p ≈ 0.002 for 9 and 1990 degrees of freedom).
         let ds = synthetic(SyntheticConfig {
             train: 2000,
             test: 10,
             size: 16,
             seed: 1,
         });
-        let len = 3 * 16 * 16;
-        let mut means = [0f64; 10];
-        for (img, label) in ds.train.images.chunks(len).zip(&ds.train.labels) {
-            means[*label as usize] +=
-                img.iter().map(|&v| v as f64).sum::<f64>() / len as f64 / 200.0;
+        let plane = 16 * 16;
+        for c in 0..3 {
+            let (mut means, mut spreads) = (Vec::new(), Vec::new());
+            for img in ds.train.images.chunks(3 * plane) {
+                let ch: Vec<f64> = img[c * plane..(c + 1) * plane]
+                    .iter()
+                    .map(|&v| v as f64)
+                    .collect();
+                let m = ch.iter().sum::<f64>() / plane as f64;
+                means.push(m);
+                spreads
+                    .push((ch.iter().map(|v| (v - m).powi(2)).sum::<f64>() / plane as f64).sqrt());
+            }
+            for (what, values) in [("mean", &means), ("spread", &spreads)] {
+                let f = f_statistic(values, &ds.train.labels, 10);
+                assert!(f < 3.0, "channel {c} {what}: F = {f}");
+            }
         }
-        let spread = means.iter().cloned().fold(f64::MIN, f64::max)
-            - means.iter().cloned().fold(f64::MAX, f64::min);
-        assert!(
-            spread < 0.06,
-            "class mean brightness differs by {spread}: {means:?}"
-        );
+        // The same statistic does see the class in the orientation it is made of.
+        let orientation: Vec<f64> = ds
+            .train
+            .images
+            .chunks(3 * plane)
+            .map(|img| {
+                let px = |x: usize, y: usize| img[y * 16 + x] as f64;
+                let (mut h, mut v) = (0.0, 0.0);
+                for y in 0..15 {
+                    for x in 0..15 {
+                        h += (px(x + 1, y) - px(x, y)).abs();
+                        v += (px(x, y + 1) - px(x, y)).abs();
+                    }
+                }
+                h / (h + v)
+            })
+            .collect();
+        assert!(f_statistic(&orientation, &ds.train.labels, 10) > 10.0);
     }
 
     #[test]

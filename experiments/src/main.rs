@@ -1,6 +1,8 @@
 //! normbench's experiment runner. See `experiments --help`.
 
+mod alloc;
 mod bench_conv;
+mod bench_norms;
 mod data;
 mod model;
 mod optim;
@@ -13,6 +15,9 @@ mod train;
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
+
+#[global_allocator]
+static ALLOCATOR: alloc::Counting = alloc::Counting;
 
 #[derive(Parser)]
 #[command(
@@ -32,7 +37,9 @@ enum Command {
     #[command(after_help = SWEEP_EXAMPLES)]
     Sweep(SweepArgs),
     /// Combine the folders of a sharded sweep into one and rebuild its reports.
-    #[command(after_help = "Example:\n  experiments merge --out results/sweep-1a2b3c4d results/sweep-1a2b3c4d/shard-*")]
+    #[command(
+        after_help = "Example:\n  experiments merge --out results/sweep-1a2b3c4d results/sweep-1a2b3c4d/shard-*"
+    )]
     Merge {
         /// The combined sweep folder (created if missing).
         #[arg(long)]
@@ -49,6 +56,8 @@ enum Command {
     },
     /// Time the fast convolution against candle's conv2d on the model's layers.
     BenchConv(bench_conv::BenchArgs),
+    /// Time the fused normalizers against their reference twins and candle-nn's layers.
+    BenchNorms(bench_norms::BenchArgs),
 }
 
 const SWEEP_EXAMPLES: &str = "Examples:
@@ -114,7 +123,11 @@ fn sweep(args: SweepArgs) -> Result<()> {
     let dataset: data::DatasetSpec = args
         .dataset
         .as_deref()
-        .unwrap_or(if q { "synthetic:train=512,test=250" } else { "synthetic" })
+        .unwrap_or(if q {
+            "synthetic:train=512,test=250"
+        } else {
+            "synthetic"
+        })
         .parse()?;
     let default_norms = if q {
         format!("bn,gn:groups={}", model.groups)
@@ -123,8 +136,16 @@ fn sweep(args: SweepArgs) -> Result<()> {
     };
     let plan = sweep::Plan {
         norms: sweep::parse_norms(args.norms.as_deref().unwrap_or(&default_norms))?,
-        batch_sizes: args.batch_sizes.unwrap_or_else(|| if q { vec![8, 2] } else { vec![32, 16, 8, 4, 2] }),
-        seeds: args.seeds.unwrap_or_else(|| if q { vec![0] } else { vec![0, 1, 2] }),
+        batch_sizes: args.batch_sizes.unwrap_or_else(|| {
+            if q {
+                vec![8, 2]
+            } else {
+                vec![32, 16, 8, 4, 2]
+            }
+        }),
+        seeds: args
+            .seeds
+            .unwrap_or_else(|| if q { vec![0] } else { vec![0, 1, 2] }),
         dataset,
         train: train::TrainConfig {
             model: model.to_string(),
@@ -145,8 +166,15 @@ fn sweep(args: SweepArgs) -> Result<()> {
             None => dir,
         }
     });
-    let ds = plan.dataset.load().with_context(|| format!("cannot load --dataset {}", plan.dataset))?;
-    let jobs = args.jobs.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+    let ds = plan
+        .dataset
+        .load()
+        .with_context(|| format!("cannot load --dataset {}", plan.dataset))?;
+    let jobs = args.jobs.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    });
     sweep::run(&plan, ds, &out, jobs, args.verbose)
 }
 
@@ -154,7 +182,10 @@ fn main() -> Result<()> {
     match Cli::parse().command {
         Command::Sweep(args) => sweep(args),
         Command::Merge { out, shards } => sweep::merge(&out, &shards),
-        Command::Report { dir } => report::report(&dir).map(|_| eprintln!("wrote the reports of {}", dir.display())),
+        Command::Report { dir } => {
+            report::report(&dir).map(|_| eprintln!("wrote the reports of {}", dir.display()))
+        }
         Command::BenchConv(args) => bench_conv::run(args),
+        Command::BenchNorms(args) => bench_norms::run(args),
     }
 }

@@ -35,20 +35,31 @@ fn x_of(b: usize, largest: usize) -> f64 {
     (largest as f64 / b as f64).log2()
 }
 
-fn draw<DB: DrawingBackend>(area: DrawingArea<DB, Shift>, rows: &[SummaryRow], norms: &[String], sizes: &[usize]) -> Result<()>
+fn draw<DB: DrawingBackend>(
+    area: DrawingArea<DB, Shift>,
+    rows: &[SummaryRow],
+    norms: &[String],
+    sizes: &[usize],
+) -> Result<()>
 where
     DB::ErrorType: 'static,
 {
     let err = |e: DrawingAreaErrorKind<DB::ErrorType>| anyhow!("drawing the figure: {e:?}");
     area.fill(&WHITE).map_err(err)?;
     let largest = *sizes.first().unwrap_or(&32);
-    let x_max = sizes.iter().map(|&b| x_of(b, largest)).fold(0.0, f64::max).max(1.0);
+    let x_max = sizes
+        .iter()
+        .map(|&b| x_of(b, largest))
+        .fold(0.0, f64::max)
+        .max(1.0);
     let finite = rows.iter().filter(|r| r.n > 0);
     let y_max = finite
         .clone()
         .map(|r| r.test_error_mean + r.test_error_std)
         .fold(0.0, f64::max);
-    let y_min = finite.map(|r| r.test_error_mean - r.test_error_std).fold(f64::MAX, f64::min);
+    let y_min = finite
+        .map(|r| r.test_error_mean - r.test_error_std)
+        .fold(f64::MAX, f64::min);
     let pad = ((y_max - y_min) * 0.1).max(1.0);
     let (y_lo, y_hi) = ((y_min - pad).max(0.0), (y_max + pad).min(100.0));
     let mut chart = ChartBuilder::on(&area)
@@ -66,7 +77,11 @@ where
         .x_labels(ticks)
         .x_label_formatter(&|x| {
             let b = largest as f64 / 2f64.powf(*x);
-            if (b - b.round()).abs() < 1e-6 { format!("{}", b.round()) } else { String::new() }
+            if (b - b.round()).abs() < 1e-6 {
+                format!("{}", b.round())
+            } else {
+                String::new()
+            }
         })
         .label_style(("sans-serif", 15))
         .draw()
@@ -75,16 +90,34 @@ where
         let color = COLORS[i % COLORS.len()];
         let points: Vec<(f64, f64, f64)> = sizes
             .iter()
-            .filter_map(|&b| rows.iter().find(|r| &r.norm == norm && r.batch_size == b && r.n > 0))
-            .map(|r| (x_of(r.batch_size, largest), r.test_error_mean, r.test_error_std))
+            .filter_map(|&b| {
+                rows.iter()
+                    .find(|r| &r.norm == norm && r.batch_size == b && r.n > 0)
+            })
+            .map(|r| {
+                (
+                    x_of(r.batch_size, largest),
+                    r.test_error_mean,
+                    r.test_error_std,
+                )
+            })
             .collect();
         chart
-            .draw_series(LineSeries::new(points.iter().map(|p| (p.0, p.1)), color.stroke_width(2)))
+            .draw_series(LineSeries::new(
+                points.iter().map(|p| (p.0, p.1)),
+                color.stroke_width(2),
+            ))
             .map_err(err)?
             .label(norm.clone())
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+            });
         chart
-            .draw_series(points.iter().map(|p| Circle::new((p.0, p.1), 4, color.filled())))
+            .draw_series(
+                points
+                    .iter()
+                    .map(|p| Circle::new((p.0, p.1), 4, color.filled())),
+            )
             .map_err(err)?;
         chart
             .draw_series(points.iter().map(|p| {
@@ -105,15 +138,30 @@ where
 }
 
 /// Writes `error_vs_batch.svg` and `error_vs_batch.png` into `dir` (each via a temporary file).
-pub fn error_vs_batch(rows: &[SummaryRow], norms: &[String], sizes: &[usize], dir: &Path) -> Result<()> {
+pub fn error_vs_batch(
+    rows: &[SummaryRow],
+    norms: &[String],
+    sizes: &[usize],
+    dir: &Path,
+) -> Result<()> {
     register_fonts();
     let size = (800, 560);
     let mut svg = String::new();
-    draw(SVGBackend::with_string(&mut svg, size).into_drawing_area(), rows, norms, sizes)?;
+    draw(
+        SVGBackend::with_string(&mut svg, size).into_drawing_area(),
+        rows,
+        norms,
+        sizes,
+    )?;
     crate::results::write_atomic(&dir.join(FIGURE_SVG), svg.as_bytes())?;
 
     let png_tmp = dir.join(format!("{FIGURE_PNG}.tmp.png"));
-    draw(BitMapBackend::new(&png_tmp, size).into_drawing_area(), rows, norms, sizes)?;
+    draw(
+        BitMapBackend::new(&png_tmp, size).into_drawing_area(),
+        rows,
+        norms,
+        sizes,
+    )?;
     std::fs::rename(&png_tmp, dir.join(FIGURE_PNG))?;
     Ok(())
 }

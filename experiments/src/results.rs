@@ -28,16 +28,20 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         "{}.tmp",
         path.extension().and_then(|e| e.to_str()).unwrap_or("")
     ));
-    let mut f = std::fs::File::create(&tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
+    let mut f =
+        std::fs::File::create(&tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
     f.write_all(bytes)?;
     f.sync_all()?;
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot move {} into place", path.display()))?;
+    std::fs::rename(&tmp, path)
+        .with_context(|| format!("cannot move {} into place", path.display()))?;
     Ok(())
 }
 
 /// CSV text of `rows`, with a header line when `header`.
 pub fn to_csv<T: Serialize>(rows: &[T], header: bool) -> Result<Vec<u8>> {
-    let mut w = csv::WriterBuilder::new().has_headers(header).from_writer(Vec::new());
+    let mut w = csv::WriterBuilder::new()
+        .has_headers(header)
+        .from_writer(Vec::new());
     for row in rows {
         w.serialize(row)?;
     }
@@ -47,7 +51,9 @@ pub fn to_csv<T: Serialize>(rows: &[T], header: bool) -> Result<Vec<u8>> {
 /// Appends `rows` to the CSV file at `path` in one write (with the header if the file is new),
 /// then flushes them to disk.
 pub fn append_rows<T: Serialize>(path: &Path, rows: &[T]) -> Result<()> {
-    let is_new = std::fs::metadata(path).map(|m| m.len() == 0).unwrap_or(true);
+    let is_new = std::fs::metadata(path)
+        .map(|m| m.len() == 0)
+        .unwrap_or(true);
     let bytes = to_csv(rows, is_new)?;
     let mut f = OpenOptions::new()
         .create(true)
@@ -64,10 +70,13 @@ pub fn read_rows<T: DeserializeOwned>(path: &Path) -> Result<Vec<T>> {
     if !path.exists() {
         return Ok(Vec::new());
     }
-    let mut r = csv::Reader::from_path(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let mut r =
+        csv::Reader::from_path(path).with_context(|| format!("cannot read {}", path.display()))?;
     r.deserialize()
         .enumerate()
-        .map(|(i, row)| row.with_context(|| format!("{}: row {} is malformed", path.display(), i + 1)))
+        .map(|(i, row)| {
+            row.with_context(|| format!("{}: row {} is malformed", path.display(), i + 1))
+        })
         .collect()
 }
 
@@ -91,7 +100,11 @@ pub fn repair(dir: &Path) -> Result<Vec<RunRow>> {
     drop_partial_line(&epochs_path)?;
     let all: Vec<RunRow> = read_rows(&runs_path)?;
     let mut seen = BTreeSet::new();
-    let runs: Vec<RunRow> = all.iter().filter(|r| seen.insert(r.key())).cloned().collect();
+    let runs: Vec<RunRow> = all
+        .iter()
+        .filter(|r| seen.insert(r.key()))
+        .cloned()
+        .collect();
     if runs.len() != all.len() {
         write_atomic(&runs_path, &to_csv(&runs, true)?)?;
     }
@@ -144,7 +157,15 @@ mod tests {
     }
 
     fn epoch(norm: &str, b: usize, epoch: usize) -> EpochRow {
-        EpochRow { norm: norm.into(), batch_size: b, seed: 0, epoch, lr: 0.1, train_loss: 1.0, test_error: 50.0 }
+        EpochRow {
+            norm: norm.into(),
+            batch_size: b,
+            seed: 0,
+            epoch,
+            lr: 0.1,
+            train_loss: 1.0,
+            test_error: 50.0,
+        }
     }
 
     #[test]
@@ -154,7 +175,10 @@ mod tests {
         record_run(dir.path(), &run("bn", 32, 11.0), &[epoch("bn", 32, 1)]).unwrap();
         // A run that crashed after its epoch rows, then a half-written row.
         append_rows(&dir.path().join(EPOCHS_CSV), &[epoch("gn", 2, 1)]).unwrap();
-        let mut f = OpenOptions::new().append(true).open(dir.path().join(RUNS_CSV)).unwrap();
+        let mut f = OpenOptions::new()
+            .append(true)
+            .open(dir.path().join(RUNS_CSV))
+            .unwrap();
         f.write_all(b"gn,2,0,0.1,1,10,12.5").unwrap();
 
         let runs = repair(dir.path()).unwrap();

@@ -41,10 +41,15 @@ pub fn parse_norms(list: &str) -> Result<Vec<String>> {
             _ => specs.push(piece.to_string()),
         }
     }
-    ensure!(!specs.is_empty(), "--norms is empty; give spec strings such as bn,gn:groups=8");
+    ensure!(
+        !specs.is_empty(),
+        "--norms is empty; give spec strings such as bn,gn:groups=8"
+    );
     let mut canonical = Vec::new();
     for spec in specs {
-        let parsed: NormSpec = spec.parse().with_context(|| format!("--norms: bad spec {spec:?}"))?;
+        let parsed: NormSpec = spec
+            .parse()
+            .with_context(|| format!("--norms: bad spec {spec:?}"))?;
         let c = parsed.to_string();
         ensure!(!canonical.contains(&c), "--norms names {c} twice");
         canonical.push(c);
@@ -54,9 +59,12 @@ pub fn parse_norms(list: &str) -> Result<Vec<String>> {
 
 /// Parses `i/n` with 1 ≤ i ≤ n.
 pub fn parse_shard(s: &str) -> Result<(usize, usize)> {
-    let parsed = s
-        .split_once('/')
-        .and_then(|(i, n)| Some((i.trim().parse::<usize>().ok()?, n.trim().parse::<usize>().ok()?)));
+    let parsed = s.split_once('/').and_then(|(i, n)| {
+        Some((
+            i.trim().parse::<usize>().ok()?,
+            n.trim().parse::<usize>().ok()?,
+        ))
+    });
     match parsed {
         Some((i, n)) if n >= 1 && (1..=n).contains(&i) => Ok((i, n)),
         _ => bail!("--shard {s:?} is not i/n with 1 <= i <= n (e.g. --shard 2/4 runs the second of four shares)"),
@@ -71,12 +79,21 @@ impl Plan {
         for &seed in &self.seeds {
             for &batch_size in &self.batch_sizes {
                 for norm in &self.norms {
-                    all.push(RunKey { norm: norm.clone(), batch_size, seed });
+                    all.push(RunKey {
+                        norm: norm.clone(),
+                        batch_size,
+                        seed,
+                    });
                 }
             }
         }
         match self.shard {
-            Some((i, n)) => all.into_iter().enumerate().filter(|(j, _)| j % n == i - 1).map(|(_, k)| k).collect(),
+            Some((i, n)) => all
+                .into_iter()
+                .enumerate()
+                .filter(|(j, _)| j % n == i - 1)
+                .map(|(_, k)| k)
+                .collect(),
             None => all,
         }
     }
@@ -89,7 +106,9 @@ impl Plan {
     /// A stable name for the sweep's settings: `sweep-` and 8 hex digits of their FNV-1a hash.
     pub fn id(&self) -> String {
         let text = self.settings().to_string();
-        let hash = text.bytes().fold(0xcbf29ce484222325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3));
+        let hash = text.bytes().fold(0xcbf29ce484222325u64, |h, b| {
+            (h ^ b as u64).wrapping_mul(0x100000001b3)
+        });
         format!("sweep-{:08x}", hash >> 32)
     }
 
@@ -105,7 +124,10 @@ impl Plan {
             self.train.base_lr
         );
         for &b in &self.batch_sizes {
-            ensure!(b >= 1, "batch size 0 is not a batch size; use --batch-sizes 32,16,8,4,2");
+            ensure!(
+                b >= 1,
+                "batch size 0 is not a batch size; use --batch-sizes 32,16,8,4,2"
+            );
             ensure!(
                 b <= ds.train.len(),
                 "batch size {b} is larger than the training set ({} images)",
@@ -123,8 +145,16 @@ impl Plan {
         let model: ModelConfig = self.train.model.parse()?;
         let conv: conv::ConvImpl = self.train.conv.parse()?;
         for norm in &self.norms {
-            ResNet::new(model, ds.channels, ds.classes, norm, conv, &VarMap::new(), 0)
-                .with_context(|| format!("--norms {norm} does not fit --model {model}"))?;
+            ResNet::new(
+                model,
+                ds.channels,
+                ds.classes,
+                norm,
+                conv,
+                &VarMap::new(),
+                0,
+            )
+            .with_context(|| format!("--norms {norm} does not fit --model {model}"))?;
         }
         Ok(())
     }
@@ -136,18 +166,32 @@ fn now() -> String {
 
 fn command_output(cmd: &str, args: &[&str]) -> Option<String> {
     let out = std::process::Command::new(cmd).args(args).output().ok()?;
-    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
 fn cpu_model() -> String {
     std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
         .unwrap_or_else(|| "unknown".into())
 }
 
 /// The manifest: configuration, versions, machine, and the sweep's times.
-fn manifest(plan: &Plan, jobs: usize, threads_per_job: usize, start: &str, end: Option<&str>, done: usize, total: usize) -> serde_json::Value {
+fn manifest(
+    plan: &Plan,
+    jobs: usize,
+    threads_per_job: usize,
+    start: &str,
+    end: Option<&str>,
+    done: usize,
+    total: usize,
+) -> serde_json::Value {
     let commit = command_output("git", &["rev-parse", "HEAD"]).unwrap_or_else(|| "unknown".into());
     let dirty = command_output("git", &["status", "--porcelain"]).map(|s| !s.is_empty());
     json!({
@@ -185,8 +229,12 @@ fn check_settings(out: &Path, plan: &Plan) -> Result<()> {
     let Ok(text) = std::fs::read_to_string(&path) else {
         return Ok(());
     };
-    let old: serde_json::Value = serde_json::from_str(&text)
-        .with_context(|| format!("{} is not valid JSON; move it away to start afresh", path.display()))?;
+    let old: serde_json::Value = serde_json::from_str(&text).with_context(|| {
+        format!(
+            "{} is not valid JSON; move it away to start afresh",
+            path.display()
+        )
+    })?;
     if old["settings"] != plan.settings() {
         bail!(
             "{} holds a sweep with other settings ({}), not ({}); use another --out, or the same \
@@ -225,13 +273,34 @@ pub fn run(plan: &Plan, ds: Dataset, out: &Path, jobs: usize, verbose: bool) -> 
     check_settings(out, plan)?;
     let finished = results::finished(&results::repair(out)?);
     let all = plan.runs();
-    let todo: VecDeque<RunKey> = all.iter().filter(|k| !finished.contains(k)).cloned().collect();
+    let todo: VecDeque<RunKey> = all
+        .iter()
+        .filter(|k| !finished.contains(k))
+        .cloned()
+        .collect();
     let skipped = all.len() - todo.len();
-    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
     let jobs = jobs.clamp(1, todo.len().max(1));
     let threads_per_job = (cpus / jobs).max(1);
+    // candle's matmul sizes its own thread split from RAYON_NUM_THREADS at every call, not from
+    // the pool it runs in: without this, each job's matmuls would split for all the CPUs.
+    std::env::set_var("RAYON_NUM_THREADS", threads_per_job.to_string());
     let start = now();
-    write_atomic(&out.join(MANIFEST_JSON), serde_json::to_vec_pretty(&manifest(plan, jobs, threads_per_job, &start, None, skipped, all.len()))?.as_slice())?;
+    write_atomic(
+        &out.join(MANIFEST_JSON),
+        serde_json::to_vec_pretty(&manifest(
+            plan,
+            jobs,
+            threads_per_job,
+            &start,
+            None,
+            skipped,
+            all.len(),
+        ))?
+        .as_slice(),
+    )?;
     eprintln!(
         "sweep into {}: {} runs ({} already finished, {} to run) on {jobs} job(s) × {threads_per_job} thread(s)",
         out.display(),
@@ -242,8 +311,10 @@ pub fn run(plan: &Plan, ds: Dataset, out: &Path, jobs: usize, verbose: bool) -> 
 
     let bar = ProgressBar::new(todo.len() as u64);
     bar.set_style(
-        ProgressStyle::with_template("{bar:30} {pos}/{len} runs  {elapsed_precise} elapsed, ETA {eta_precise}  {msg}")
-            .expect("static template"),
+        ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} runs  {elapsed_precise} elapsed, ETA {eta_precise}  {msg}",
+        )
+        .expect("static template"),
     );
     let ds = Arc::new(ds);
     let queue = Arc::new(Mutex::new(todo));
@@ -252,13 +323,22 @@ pub fn run(plan: &Plan, ds: Dataset, out: &Path, jobs: usize, verbose: bool) -> 
     for _ in 0..jobs {
         let (queue, tx, ds, cfg) = (queue.clone(), tx.clone(), ds.clone(), plan.train.clone());
         workers.push(std::thread::spawn(move || -> Result<()> {
-            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads_per_job).build()?;
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads_per_job)
+                .build()?;
             loop {
-                let next = queue.lock().map_err(|_| anyhow::anyhow!("queue poisoned"))?.pop_front();
+                let next = queue
+                    .lock()
+                    .map_err(|_| anyhow::anyhow!("queue poisoned"))?
+                    .pop_front();
                 let Some(key) = next else { return Ok(()) };
                 let _ = tx.send(Event::Started(key.clone()));
                 let etx = tx.clone();
-                let result = pool.install(|| train::run(&key, &cfg, &ds, |e| { let _ = etx.send(Event::Epoch(e.clone())); }));
+                let result = pool.install(|| {
+                    train::run(&key, &cfg, &ds, |e| {
+                        let _ = etx.send(Event::Epoch(e.clone()));
+                    })
+                });
                 let _ = tx.send(Event::Finished(result, key));
             }
         }));
@@ -270,26 +350,45 @@ pub fn run(plan: &Plan, ds: Dataset, out: &Path, jobs: usize, verbose: bool) -> 
     for event in rx {
         match event {
             Event::Started(k) => running.push(k),
-            Event::Epoch(e) if verbose => say(&bar, format!(
-                "{} epoch {}: lr {:.4}, train loss {:.4}, test error {:.2}%",
-                describe(&RunKey { norm: e.norm.clone(), batch_size: e.batch_size, seed: e.seed }),
-                e.epoch,
-                e.lr,
-                e.train_loss,
-                e.test_error
-            )),
+            Event::Epoch(e) if verbose => say(
+                &bar,
+                format!(
+                    "{} epoch {}: lr {:.4}, train loss {:.4}, test error {:.2}%",
+                    describe(&RunKey {
+                        norm: e.norm.clone(),
+                        batch_size: e.batch_size,
+                        seed: e.seed
+                    }),
+                    e.epoch,
+                    e.lr,
+                    e.train_loss,
+                    e.test_error
+                ),
+            ),
             Event::Epoch(_) => {}
             Event::Finished(result, key) => {
                 running.retain(|k| k != &key);
-                match result.and_then(|(row, epochs)| results::record_run(out, &row, &epochs).map(|_| row)) {
+                match result
+                    .and_then(|(row, epochs)| results::record_run(out, &row, &epochs).map(|_| row))
+                {
                     Ok(row) => {
                         done += 1;
-                        let status = if row.diverged { "diverged".to_string() } else { format!("{:.2}% error", row.test_error) };
-                        say(&bar, format!("{}: {status} in {:.0}s", describe(&key), row.wall_seconds));
+                        let status = if row.diverged {
+                            "diverged".to_string()
+                        } else {
+                            format!("{:.2}% error", row.test_error)
+                        };
+                        say(
+                            &bar,
+                            format!("{}: {status} in {:.0}s", describe(&key), row.wall_seconds),
+                        );
                     }
                     Err(e) => {
                         // Stop handing out runs; the ones in flight finish and are kept.
-                        queue.lock().map_err(|_| anyhow::anyhow!("queue poisoned"))?.clear();
+                        queue
+                            .lock()
+                            .map_err(|_| anyhow::anyhow!("queue poisoned"))?
+                            .clear();
                         failure.get_or_insert(e.context(format!("run {} failed", describe(&key))));
                     }
                 }
@@ -300,9 +399,22 @@ pub fn run(plan: &Plan, ds: Dataset, out: &Path, jobs: usize, verbose: bool) -> 
     }
     bar.finish_and_clear();
     for w in workers {
-        w.join().map_err(|_| anyhow::anyhow!("a worker thread panicked"))??;
+        w.join()
+            .map_err(|_| anyhow::anyhow!("a worker thread panicked"))??;
     }
-    write_atomic(&out.join(MANIFEST_JSON), serde_json::to_vec_pretty(&manifest(plan, jobs, threads_per_job, &start, Some(&now()), done, all.len()))?.as_slice())?;
+    write_atomic(
+        &out.join(MANIFEST_JSON),
+        serde_json::to_vec_pretty(&manifest(
+            plan,
+            jobs,
+            threads_per_job,
+            &start,
+            Some(&now()),
+            done,
+            all.len(),
+        ))?
+        .as_slice(),
+    )?;
     if let Some(e) = failure {
         return Err(e);
     }
@@ -319,8 +431,14 @@ pub fn merge(out: &Path, sources: &[PathBuf]) -> Result<()> {
     let (mut runs, mut epochs): (Vec<RunRow>, Vec<EpochRow>) = (Vec::new(), Vec::new());
     for src in sources {
         let path = src.join(MANIFEST_JSON);
-        let text = std::fs::read_to_string(&path).with_context(|| format!("{} is not a sweep folder (no {MANIFEST_JSON})", src.display()))?;
-        let m: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))?;
+        let text = std::fs::read_to_string(&path).with_context(|| {
+            format!(
+                "{} is not a sweep folder (no {MANIFEST_JSON})",
+                src.display()
+            )
+        })?;
+        let m: serde_json::Value = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not valid JSON", path.display()))?;
         match &settings {
             None => settings = Some(m["settings"].clone()),
             Some(s) if *s != m["settings"] => bail!(
@@ -333,7 +451,9 @@ pub fn merge(out: &Path, sources: &[PathBuf]) -> Result<()> {
         manifest_of_first.get_or_insert(m);
         results::repair(src)?;
         runs.extend(results::read_rows::<RunRow>(&src.join(results::RUNS_CSV))?);
-        epochs.extend(results::read_rows::<EpochRow>(&src.join(results::EPOCHS_CSV))?);
+        epochs.extend(results::read_rows::<EpochRow>(
+            &src.join(results::EPOCHS_CSV),
+        )?);
     }
     std::fs::create_dir_all(out)?;
     let existing: Vec<RunRow> = results::repair(out)?;
@@ -344,13 +464,25 @@ pub fn merge(out: &Path, sources: &[PathBuf]) -> Result<()> {
     merged.extend(new);
     let mut all_epochs: Vec<EpochRow> = results::read_rows(&out.join(results::EPOCHS_CSV))?;
     all_epochs.extend(epochs.into_iter().filter(|e| new_keys.contains(&e.key())));
-    write_atomic(&out.join(results::EPOCHS_CSV), &results::to_csv(&all_epochs, true)?)?;
-    write_atomic(&out.join(results::RUNS_CSV), &results::to_csv(&merged, true)?)?;
+    write_atomic(
+        &out.join(results::EPOCHS_CSV),
+        &results::to_csv(&all_epochs, true)?,
+    )?;
+    write_atomic(
+        &out.join(results::RUNS_CSV),
+        &results::to_csv(&merged, true)?,
+    )?;
     let mut manifest = manifest_of_first.unwrap_or_default();
-    manifest["merged_from"] = json!(sources.iter().map(|p| p.display().to_string()).collect::<Vec<_>>());
+    manifest["merged_from"] = json!(sources
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect::<Vec<_>>());
     manifest["shard"] = serde_json::Value::Null;
     manifest["runs_finished"] = json!(merged.len());
-    write_atomic(&out.join(MANIFEST_JSON), &serde_json::to_vec_pretty(&manifest)?)?;
+    write_atomic(
+        &out.join(MANIFEST_JSON),
+        &serde_json::to_vec_pretty(&manifest)?,
+    )?;
     report::report(out)?;
     eprintln!("merged {} runs into {}", merged.len(), out.display());
     Ok(())
@@ -364,9 +496,17 @@ mod tests {
     fn norms_split_on_commas_that_start_a_new_spec() {
         assert_eq!(
             parse_norms("bn, gn:groups=8,eps=1e-3,LAYER,in:track_running_stats=true").unwrap(),
-            ["bn", "gn:groups=8,eps=1e-3", "ln", "in:track_running_stats=true"]
+            [
+                "bn",
+                "gn:groups=8,eps=1e-3",
+                "ln",
+                "in:track_running_stats=true"
+            ]
         );
-        assert!(parse_norms("bn,batch").unwrap_err().to_string().contains("twice"));
+        assert!(parse_norms("bn,batch")
+            .unwrap_err()
+            .to_string()
+            .contains("twice"));
         let e = format!("{:#}", parse_norms("bn,bx").unwrap_err());
         assert!(e.contains("unknown normalizer \"bx\""), "{e}");
     }

@@ -135,6 +135,41 @@ pub fn test_error(model: &ResNet, ds: &Dataset, batch_size: usize, mode: Mode) -
     Ok(100.0 * wrong as f64 / ds.test.len() as f64)
 }
 
+/// SGD over the model's trainable variables (in name order), with weight decay on all but the
+/// normalizers' and without the running statistics.
+pub fn optimizer(varmap: &VarMap, cfg: &TrainConfig) -> Result<Sgd> {
+    let data = varmap
+        .data()
+        .lock()
+        .map_err(|_| anyhow::anyhow!("poisoned VarMap"))?;
+    let mut named: Vec<_> = data.iter().filter(|(n, _)| !is_running_stat(n)).collect();
+    named.sort_by(|a, b| a.0.cmp(b.0));
+    let params = named
+        .into_iter()
+        .map(|(n, v)| (v.clone(), !is_normalizer_var(n)))
+        .collect();
+    Ok(Sgd::new(params, cfg.momentum, cfg.weight_decay))
+}
+
+/// One SGD step on the batch (x, y); the loss before the step, or None if it is not finite
+/// (the step is then skipped).
+pub fn train_step(
+    model: &ResNet,
+    sgd: &mut Sgd,
+    x: &Tensor,
+    y: &Tensor,
+    lr: f64,
+) -> Result<Option<f64>> {
+    let logits = model.forward(x, Mode::Train)?;
+    let loss = candle_nn::loss::cross_entropy(&logits, y)?;
+    let value = loss.to_scalar::<f32>()? as f64;
+    if !value.is_finite() {
+        return Ok(None);
+    }
+    sgd.step(&loss.backward()?, lr)?;
+    Ok(Some(value))
+}
+
 /// Trains and evaluates one run; `on_epoch` sees each epoch's row as it completes.
 pub fn run(
     key: &RunKey,
@@ -186,16 +221,12 @@ pub fn run(
         let mut lr = peak;
         for chunk in order.chunks_exact(b) {
             let (x, y) = batch(&ds.train, chunk, ds.image_len(), shape)?;
-            let logits = model.forward(&x, Mode::Train)?;
-            let loss = candle_nn::loss::cross_entropy(&logits, &y)?;
-            let value = loss.to_scalar::<f32>()? as f64;
-            if !value.is_finite() {
+            lr = learning_rate(step, total, warmup, peak);
+            let Some(value) = train_step(&model, &mut sgd, &x, &y, lr)? else {
                 diverged = true;
                 break 'training;
-            }
+            };
             loss_sum += value;
-            lr = learning_rate(step, total, warmup, peak);
-            sgd.step(&loss.backward()?, lr)?;
             step += 1;
         }
         train_loss = loss_sum / steps_per_epoch as f64;

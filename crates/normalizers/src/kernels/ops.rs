@@ -120,10 +120,12 @@ fn forward<T: WithDType>(x: &[T], w: &[T], b: &[T], g: Geom, eps: f64) -> (Vec<T
             g.for_each_segment(set, |off, ch0, nch| {
                 // SAFETY: the sets partition the tensor, so segments never overlap.
                 let dst = unsafe { out.slice(off, nch * g.s) };
-                for (j, (d, xv)) in dst.iter_mut().zip(&x[off..off + nch * g.s]).enumerate() {
-                    let c = ch0 + j / g.s;
-                    let xhat = (xv.to_f64() - mean) * rstd;
-                    *d = T::from_f64(xhat * w[c].to_f64() + b[c].to_f64());
+                for k in 0..nch {
+                    let (a, shift) = (rstd * w[ch0 + k].to_f64(), b[ch0 + k].to_f64());
+                    let src = &x[off + k * g.s..][..g.s];
+                    for (d, xv) in dst[k * g.s..][..g.s].iter_mut().zip(src) {
+                        *d = T::from_f64((xv.to_f64() - mean) * a + shift);
+                    }
                 }
             });
             (mean, var)
@@ -183,11 +185,15 @@ fn backward<T: WithDType>(
             g.for_each_segment(set, |off, ch0, nch| {
                 // SAFETY: the sets partition the tensor.
                 let dst = unsafe { out.slice(off, nch * g.s) };
-                for (j, d) in dst.iter_mut().enumerate() {
-                    let c = ch0 + j / g.s;
-                    let xhat = (x[off + j].to_f64() - mean) * rstd;
-                    let gv = dy[off + j].to_f64() * w[c].to_f64();
-                    *d = T::from_f64(rstd * (gv - mean_g - xhat * mean_gx));
+                // dx = rstd·(dy·w − mean_g − x̂·mean_gx) = p·dy − q·(x − μ) − rstd·mean_g
+                let (q, r0) = (rstd * rstd * mean_gx, -rstd * mean_g);
+                for k in 0..nch {
+                    let p = rstd * w[ch0 + k].to_f64();
+                    let seg = off + k * g.s;
+                    let (xs, dys) = (&x[seg..][..g.s], &dy[seg..][..g.s]);
+                    for ((d, xv), dv) in dst[k * g.s..][..g.s].iter_mut().zip(xs).zip(dys) {
+                        *d = T::from_f64(p * dv.to_f64() - q * (xv.to_f64() - mean) + r0);
+                    }
                 }
             });
         });

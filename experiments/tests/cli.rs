@@ -1,0 +1,391 @@
+//! The `experiments` binary end to end: a quick sweep and every file it writes, resuming after
+//! a crash, sharding and merging, real data-set formats, and bad arguments.
+
+use std::io::Write;
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn experiments(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_experiments"))
+        .args(args)
+        .env_remove("RUST_BACKTRACE")
+        .output()
+        .expect("the binary runs")
+}
+
+fn ok(args: &[&str]) -> String {
+    let out = experiments(args);
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(out.status.success(), "{args:?} failed:\n{stderr}");
+    stderr
+}
+
+fn fails(args: &[&str]) -> String {
+    let out = experiments(args);
+    assert!(!out.status.success(), "{args:?} succeeded");
+    String::from_utf8_lossy(&out.stderr).to_string()
+}
+
+fn read(dir: &Path, name: &str) -> String {
+    std::fs::read_to_string(dir.join(name)).unwrap_or_else(|e| panic!("{name}: {e}"))
+}
+
+/// runs.csv without the wall_seconds column, sorted: the numbers a rerun must reproduce.
+fn numbers(dir: &Path) -> Vec<String> {
+    let text = read(dir, "runs.csv");
+    let mut lines: Vec<String> = text
+        .lines()
+        .skip(1)
+        .map(|l| {
+            let mut f: Vec<&str> = l.split(',').collect();
+            f.remove(10);
+            f.join(",")
+        })
+        .collect();
+    lines.sort();
+    lines
+}
+
+#[test]
+fn quick_sweep_writes_every_file_and_resumes_after_a_crash() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("quick");
+    let o = out.to_str().unwrap();
+    ok(&["sweep", "--quick", "--out", o]);
+
+    let runs = read(&out, "runs.csv");
+    let header = runs.lines().next().unwrap();
+    for col in [
+        "norm",
+        "batch_size",
+        "seed",
+        "lr",
+        "epochs",
+        "steps",
+        "test_error",
+        "test_error_batch_stats",
+        "test_error_large_batch_stats",
+        "train_loss",
+        "wall_seconds",
+        "diverged",
+    ] {
+        assert!(
+            header.split(',').any(|c| c == col),
+            "runs.csv lacks {col}: {header}"
+        );
+    }
+    assert_eq!(runs.lines().count(), 5, "header and 4 runs:\n{runs}");
+    for line in runs.lines().skip(1) {
+        let f: Vec<&str> = line.split(',').collect();
+        let err: f64 = f[6].parse().unwrap();
+        assert!((0.0..=100.0).contains(&err), "{line}");
+        assert_eq!(f[11], "false", "{line}");
+    }
+    assert!(
+        runs.contains("\nbn,8,0,0.025,1,64,"),
+        "lr = 0.1·8/32 and 512/8 steps:\n{runs}"
+    );
+    assert_eq!(read(&out, "epochs.csv").lines().count(), 5);
+    let summary = read(&out, "summary.csv");
+    assert!(
+        summary.starts_with("norm,batch_size,n,test_error_mean,test_error_std,"),
+        "{summary}"
+    );
+    assert_eq!(summary.lines().count(), 5);
+    let manifest: serde_json::Value = serde_json::from_str(&read(&out, "manifest.json")).unwrap();
+    for key in [
+        "settings",
+        "norms",
+        "batch_sizes",
+        "seeds",
+        "versions",
+        "git_commit",
+        "threads_per_job",
+        "os",
+        "cpu",
+        "start_time",
+        "end_time",
+    ] {
+        assert!(!manifest[key].is_null(), "manifest lacks {key}: {manifest}");
+    }
+    assert_eq!(
+        manifest["versions"]["candle-core"]
+            .as_str()
+            .unwrap()
+            .split('.')
+            .next(),
+        Some("0")
+    );
+    let md = read(&out, "summary.md");
+    assert!(
+        md.contains("| normalizer | B=8 | B=2 |") && md.contains("| `gn:groups=8` |"),
+        "{md}"
+    );
+    assert!(read(&out, "summary.tex").contains("\\begin{tabular}{lrr}"));
+    let svg = read(&out, "error_vs_batch.svg");
+    assert!(svg.contains("<svg") && svg.contains("gn:groups=8") && svg.contains("batch size"));
+    let png = std::fs::read(out.join("error_vs_batch.png")).unwrap();
+    assert!(png.starts_with(b"\x89PNG\r\n\x1a\n") && png.len() > 10_000);
+
+    // Running it again finds everything done and changes nothing.
+    let before = numbers(&out);
+    let again = ok(&["sweep", "--quick", "--out", o]);
+    assert!(again.contains("4 already finished, 0 to run"), "{again}");
+    assert_eq!(numbers(&out), before);
+
+    // A crash mid-write: the last row is half there. The rerun repeats that run only.
+    let path = out.join("runs.csv");
+    let text = read(&out, "runs.csv");
+    let cut = text.trim_end().rfind('\n').unwrap() + 12;
+    std::fs::write(&path, &text[..cut]).unwrap();
+    let resumed = ok(&["sweep", "--quick", "--out", o]);
+    assert!(
+        resumed.contains("3 already finished, 1 to run"),
+        "{resumed}"
+    );
+    assert_eq!(
+        numbers(&out),
+        before,
+        "same numbers as the uninterrupted sweep"
+    );
+    assert_eq!(
+        read(&out, "epochs.csv").lines().count(),
+        5,
+        "no duplicated epoch rows"
+    );
+
+    // Other settings in the same folder are refused.
+    let e = fails(&["sweep", "--quick", "--epochs", "2", "--out", o]);
+    assert!(e.contains("holds a sweep with other settings"), "{e}");
+}
+
+#[test]
+fn shards_merge_into_the_unsharded_sweep() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = |n: &str| tmp.path().join(n);
+    ok(&["sweep", "--quick", "--out", dir("all").to_str().unwrap()]);
+    ok(&[
+        "sweep",
+        "--quick",
+        "--shard",
+        "1/2",
+        "--out",
+        dir("s1").to_str().unwrap(),
+    ]);
+    ok(&[
+        "sweep",
+        "--quick",
+        "--shard",
+        "2/2",
+        "--out",
+        dir("s2").to_str().unwrap(),
+    ]);
+    assert_eq!(numbers(&dir("s1")).len(), 2);
+    ok(&[
+        "merge",
+        "--out",
+        dir("merged").to_str().unwrap(),
+        dir("s1").to_str().unwrap(),
+        dir("s2").to_str().unwrap(),
+    ]);
+    assert_eq!(numbers(&dir("merged")), numbers(&dir("all")));
+    assert!(dir("merged").join("error_vs_batch.svg").exists());
+    std::fs::remove_file(dir("merged").join("summary.csv")).unwrap();
+    ok(&["report", dir("merged").to_str().unwrap()]);
+    assert_eq!(
+        read(&dir("merged"), "summary.csv"),
+        read(&dir("all"), "summary.csv")
+    );
+}
+
+#[test]
+fn a_diverging_run_is_recorded_and_the_sweep_goes_on() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("div");
+    ok(&[
+        "sweep",
+        "--quick",
+        "--base-lr",
+        "1e30",
+        "--norms",
+        "gn:groups=8",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let runs = read(&out, "runs.csv");
+    assert_eq!(runs.lines().count(), 3);
+    assert!(
+        runs.lines()
+            .skip(1)
+            .all(|l| l.ends_with(",true") && l.contains("NaN")),
+        "{runs}"
+    );
+    assert!(read(&out, "summary.md").contains("diverged"));
+}
+
+fn write_gz(path: &Path, bytes: &[u8]) {
+    let f = std::fs::File::create(path).unwrap();
+    let mut gz = flate2::write::GzEncoder::new(f, flate2::Compression::fast());
+    gz.write_all(bytes).unwrap();
+    gz.finish().unwrap();
+}
+
+fn idx(magic: u32, dims: &[u32], data: &[u8]) -> Vec<u8> {
+    let mut b = magic.to_be_bytes().to_vec();
+    for d in dims {
+        b.extend(d.to_be_bytes());
+    }
+    b.extend_from_slice(data);
+    b
+}
+
+#[test]
+fn mnist_and_cifar10_files_load_from_a_path() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mnist = tmp.path().join("mnist");
+    std::fs::create_dir(&mnist).unwrap();
+    let pixels = |n: usize, len: usize| {
+        (0..n * len)
+            .map(|i| (i * 7 % 251) as u8)
+            .collect::<Vec<u8>>()
+    };
+    let labels = |n: usize| (0..n).map(|i| (i % 10) as u8).collect::<Vec<u8>>();
+    write_gz(
+        &mnist.join("train-images-idx3-ubyte.gz"),
+        &idx(0x803, &[40, 28, 28], &pixels(40, 784)),
+    );
+    write_gz(
+        &mnist.join("train-labels-idx1-ubyte.gz"),
+        &idx(0x801, &[40], &labels(40)),
+    );
+    std::fs::write(
+        mnist.join("t10k-images-idx3-ubyte"),
+        idx(0x803, &[10, 28, 28], &pixels(10, 784)),
+    )
+    .unwrap();
+    std::fs::write(
+        mnist.join("t10k-labels-idx1-ubyte"),
+        idx(0x801, &[10], &labels(10)),
+    )
+    .unwrap();
+    let spec = format!("mnist:{}", mnist.display());
+    let out = tmp.path().join("m");
+    ok(&[
+        "sweep",
+        "--quick",
+        "--dataset",
+        &spec,
+        "--batch-sizes",
+        "4",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(read(&out, "runs.csv").contains("\nbn,4,0,0.0125,1,10,"));
+
+    let cifar = tmp.path().join("cifar-10-batches-bin");
+    std::fs::create_dir(&cifar).unwrap();
+    let records = |n: usize| {
+        (0..n)
+            .flat_map(|i| {
+                std::iter::once((i % 10) as u8).chain((0..3072).map(move |j| ((i + j) % 256) as u8))
+            })
+            .collect::<Vec<u8>>()
+    };
+    for i in 1..=5 {
+        std::fs::write(cifar.join(format!("data_batch_{i}.bin")), records(8)).unwrap();
+    }
+    std::fs::write(cifar.join("test_batch.bin"), records(6)).unwrap();
+    let spec = format!("cifar10:{}", tmp.path().display());
+    let out = tmp.path().join("c");
+    ok(&[
+        "sweep",
+        "--quick",
+        "--dataset",
+        &spec,
+        "--batch-sizes",
+        "4",
+        "--norms",
+        "gn:groups=8",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(read(&out, "runs.csv").contains("\ngn:groups=8,4,0,0.0125,1,10,"));
+
+    // Broken files get errors that name them.
+    std::fs::write(
+        mnist.join("t10k-labels-idx1-ubyte"),
+        idx(0x801, &[10], &labels(9)),
+    )
+    .unwrap();
+    let e = fails(&[
+        "sweep",
+        "--quick",
+        "--dataset",
+        &format!("mnist:{}", mnist.display()),
+    ]);
+    assert!(
+        e.contains("t10k-labels-idx1-ubyte") && e.contains("header says 10 labels"),
+        "{e}"
+    );
+    std::fs::write(cifar.join("test_batch.bin"), vec![0u8; 100]).unwrap();
+    let e = fails(&[
+        "sweep",
+        "--quick",
+        "--dataset",
+        &format!("cifar10:{}", cifar.display()),
+    ]);
+    assert!(
+        e.contains("test_batch.bin") && e.contains("not a whole number of 3073-byte"),
+        "{e}"
+    );
+    let e = fails(&[
+        "sweep",
+        "--quick",
+        "--dataset",
+        &format!("mnist:{}", tmp.path().join("nope").display()),
+    ]);
+    assert!(e.contains("no such folder"), "{e}");
+    std::fs::remove_file(mnist.join("train-images-idx3-ubyte.gz")).unwrap();
+    let e = fails(&[
+        "sweep",
+        "--quick",
+        "--dataset",
+        &format!("mnist:{}", mnist.display()),
+    ]);
+    assert!(
+        e.contains("has no train-images-idx3-ubyte (plain or .gz)"),
+        "{e}"
+    );
+}
+
+#[test]
+fn bad_arguments_fail_before_any_training() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("never");
+    let o = out.to_str().unwrap();
+    for (args, msg) in [
+        (vec!["--norms", "bn,bx"], "unknown normalizer \"bx\""),
+        (
+            vec!["--norms", "gn:groups=3"],
+            "does not divide num_channels=16",
+        ),
+        (vec!["--batch-sizes", "8,1"], "batch size 1 with bn"),
+        (vec!["--batch-sizes", "0"], "batch size 0"),
+        (
+            vec!["--batch-sizes", "100000"],
+            "larger than the training set",
+        ),
+        (vec!["--shard", "3/2"], "--shard \"3/2\" is not i/n"),
+        (vec!["--model", "resnet:width=12"], "must divide width=12"),
+        (vec!["--conv", "cudnn"], "unknown convolution"),
+        (vec!["--dataset", "imagenet"], "unknown data set"),
+    ] {
+        let mut full = vec!["sweep", "--quick", "--out", o];
+        full.extend(args.iter());
+        let e = fails(&full);
+        assert!(e.contains(msg), "{args:?}: {e}");
+        assert!(!out.exists(), "{args:?} created the output folder");
+    }
+    let e = fails(&["report", o]);
+    assert!(e.contains("no finished runs"), "{e}");
+}
