@@ -58,7 +58,7 @@ enum Layer {
     CandleBatch(candle_nn::BatchNorm),
     CandleGroup(candle_nn::GroupNorm),
     /// LayerNorm over (C, H, W) composed from candle ops (candle-nn's fused one has no backward).
-    ComposedLayer {
+    ComposedLn {
         weight: Tensor,
         bias: Tensor,
     },
@@ -71,7 +71,7 @@ impl Layer {
             Layer::Normbench(n) => n.forward_t(x, true)?,
             Layer::CandleBatch(bn) => bn.forward_t(x, true)?,
             Layer::CandleGroup(gn) => gn.forward(x)?,
-            Layer::ComposedLayer { weight, bias } => {
+            Layer::ComposedLn { weight, bias } => {
                 let mean = x.mean_keepdim((1, 2, 3))?;
                 let xc = x.broadcast_sub(&mean)?;
                 let var = xc.sqr()?.mean_keepdim((1, 2, 3))?;
@@ -107,7 +107,7 @@ fn build(kind: &str, norm: &str, c: usize, vb: VarBuilder) -> Result<Layer> {
         )?),
         ("candle-nn", "gn") => Layer::CandleGroup(candle_nn::group_norm(32, c, 1e-5, vb)?),
         ("candle-nn", "in") => Layer::CandleGroup(candle_nn::group_norm(c, c, 1e-5, vb)?),
-        ("candle-nn", _) => Layer::ComposedLayer {
+        ("candle-nn", _) => Layer::ComposedLn {
             weight: vb.get_with_hints(c, "weight", candle_nn::Init::Const(1.0))?,
             bias: vb.get_with_hints(c, "bias", candle_nn::Init::Const(0.0))?,
         },

@@ -45,7 +45,7 @@ pub fn to_csv<T: Serialize>(rows: &[T], header: bool) -> Result<Vec<u8>> {
     for row in rows {
         w.serialize(row)?;
     }
-    Ok(w.into_inner().map_err(|e| anyhow::anyhow!("csv: {e}"))?)
+    w.into_inner().map_err(|e| anyhow::anyhow!("csv: {e}"))
 }
 
 /// Appends `rows` to the CSV file at `path` in one write (with the header if the file is new),

@@ -193,7 +193,7 @@ fn manifest(
     total: usize,
 ) -> serde_json::Value {
     let commit = command_output("git", &["rev-parse", "HEAD"]).unwrap_or_else(|| "unknown".into());
-    let dirty = command_output("git", &["status", "--porcelain"]).map(|s| !s.is_empty());
+    let dirty = command_output("git", &["status", "--porcelain", "--untracked-files=no"]).map(|s| !s.is_empty());
     json!({
         "tool": "normbench experiments sweep",
         "command": std::env::args().collect::<Vec<_>>(),

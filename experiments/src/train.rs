@@ -210,7 +210,7 @@ pub fn run(
     let warmup = ((cfg.warmup_epochs * steps_per_epoch as f64).round() as usize).min(total);
     let peak = cfg.base_lr * b as f64 / 32.0;
     let shape = (ds.channels, ds.height, ds.width);
-    let mut rng = ChaCha8Rng::seed_from_u64(key.seed ^ 0x5eed_0f_da7a);
+    let mut rng = ChaCha8Rng::seed_from_u64(key.seed ^ 0x005e_ed0f_da7a);
     let mut order: Vec<usize> = (0..ds.train.len()).collect();
     let (mut step, mut diverged, mut train_loss) = (0, false, f64::NAN);
     let mut epochs = Vec::new();
