@@ -96,7 +96,10 @@ fn build(kind: &str, norm: &str, c: usize, vb: VarBuilder) -> Result<Layer> {
     Ok(match (kind, norm) {
         ("fused", _) => Layer::Normbench(normalizers::from_spec(&spec, c, vb)?),
         ("reference", _) => Layer::Normbench(normalizers::from_spec(
-            &format!("{spec}:impl=reference"),
+            &format!(
+                "{spec}{}impl=reference",
+                if spec.contains(':') { ',' } else { ':' }
+            ),
             c,
             vb,
         )?),

@@ -37,9 +37,14 @@ pub fn mean_std(values: &[f64]) -> (f64, f64) {
     (mean, var.sqrt())
 }
 
-/// Normalizers in order of first appearance, batch sizes from largest to smallest.
-pub fn axes(runs: &[RunRow]) -> (Vec<String>, Vec<usize>) {
-    let mut norms: Vec<String> = Vec::new();
+/// Normalizers in the order of `preferred` (the sweep's `--norms`), then any others in order of
+/// first appearance; batch sizes from largest to smallest.
+pub fn axes(runs: &[RunRow], preferred: &[String]) -> (Vec<String>, Vec<usize>) {
+    let mut norms: Vec<String> = preferred
+        .iter()
+        .filter(|n| runs.iter().any(|r| &&r.norm == n))
+        .cloned()
+        .collect();
     let mut sizes: Vec<usize> = Vec::new();
     for r in runs {
         if !norms.contains(&r.norm) {
@@ -53,8 +58,8 @@ pub fn axes(runs: &[RunRow]) -> (Vec<String>, Vec<usize>) {
     (norms, sizes)
 }
 
-pub fn summarize(runs: &[RunRow]) -> Vec<SummaryRow> {
-    let (norms, sizes) = axes(runs);
+pub fn summarize(runs: &[RunRow], preferred: &[String]) -> Vec<SummaryRow> {
+    let (norms, sizes) = axes(runs, preferred);
     let mut rows = Vec::new();
     for norm in &norms {
         for &b in &sizes {
@@ -225,8 +230,14 @@ pub fn report(dir: &Path) -> Result<Vec<SummaryRow>> {
         dir.join(RUNS_CSV).display(),
         dir.display()
     );
-    let rows = summarize(&runs);
-    let (norms, sizes) = axes(&runs);
+    // Rows of runs.csv are in the order runs finished; tables follow the sweep's --norms.
+    let preferred: Vec<String> = std::fs::read_to_string(dir.join(results::MANIFEST_JSON))
+        .ok()
+        .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
+        .and_then(|m| serde_json::from_value(m["norms"].clone()).ok())
+        .unwrap_or_default();
+    let rows = summarize(&runs, &preferred);
+    let (norms, sizes) = axes(&runs, &preferred);
     write_atomic(
         &dir.join(results::SUMMARY_CSV),
         &results::to_csv(&rows, true)?,
@@ -256,6 +267,30 @@ mod tests {
     }
 
     #[test]
+    fn tables_follow_the_sweeps_order_of_normalizers() {
+        let row = |norm: &str, b| RunRow {
+            norm: norm.into(),
+            batch_size: b,
+            seed: 0,
+            lr: 0.1,
+            epochs: 1,
+            steps: 1,
+            test_error: 1.0,
+            test_error_batch_stats: 1.0,
+            test_error_large_batch_stats: 1.0,
+            train_loss: 1.0,
+            wall_seconds: 1.0,
+            diverged: false,
+        };
+        let runs = vec![row("gn", 2), row("ln", 8), row("bn", 32)];
+        let preferred = vec!["bn".to_string(), "gn".to_string()];
+        assert_eq!(
+            axes(&runs, &preferred),
+            (vec!["bn".into(), "gn".into(), "ln".into()], vec![32, 8, 2])
+        );
+    }
+
+    #[test]
     fn summary_excludes_diverged_runs_and_counts_them() {
         let row = |norm: &str, b, seed, err: f64, diverged| RunRow {
             norm: norm.into(),
@@ -277,12 +312,12 @@ mod tests {
             row("bn", 2, 1, 40.0, false),
             row("bn", 2, 2, f64::NAN, true),
         ];
-        let rows = summarize(&runs);
+        let rows = summarize(&runs, &[]);
         assert_eq!(rows.len(), 2);
         assert_eq!((rows[0].batch_size, rows[0].n), (32, 1));
         let b2 = &rows[1];
         assert_eq!((b2.n, b2.n_diverged, b2.test_error_mean), (2, 1, 35.0));
-        let (norms, sizes) = axes(&runs);
+        let (norms, sizes) = axes(&runs, &[]);
         let md = markdown(&rows, &norms, &sizes);
         assert!(
             md.contains("| `bn` | 10.0 ± 0.0 | 35.0 ± 7.1 (1 diverged) |"),

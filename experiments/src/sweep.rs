@@ -193,7 +193,8 @@ fn manifest(
     total: usize,
 ) -> serde_json::Value {
     let commit = command_output("git", &["rev-parse", "HEAD"]).unwrap_or_else(|| "unknown".into());
-    let dirty = command_output("git", &["status", "--porcelain", "--untracked-files=no"]).map(|s| !s.is_empty());
+    let dirty = command_output("git", &["status", "--porcelain", "--untracked-files=no"])
+        .map(|s| !s.is_empty());
     json!({
         "tool": "normbench experiments sweep",
         "command": std::env::args().collect::<Vec<_>>(),
@@ -288,19 +289,11 @@ pub fn run(plan: &Plan, ds: Dataset, out: &Path, jobs: usize, verbose: bool) -> 
     // the pool it runs in: without this, each job's matmuls would split for all the CPUs.
     std::env::set_var("RAYON_NUM_THREADS", threads_per_job.to_string());
     let start = now();
-    write_atomic(
-        &out.join(MANIFEST_JSON),
-        serde_json::to_vec_pretty(&manifest(
-            plan,
-            jobs,
-            threads_per_job,
-            &start,
-            None,
-            skipped,
-            all.len(),
-        ))?
-        .as_slice(),
-    )?;
+    let write_manifest = |end: Option<&str>, done: usize| -> Result<()> {
+        let m = manifest(plan, jobs, threads_per_job, &start, end, done, all.len());
+        write_atomic(&out.join(MANIFEST_JSON), &serde_json::to_vec_pretty(&m)?)
+    };
+    write_manifest(None, skipped)?;
     eprintln!(
         "sweep into {}: {} runs ({} already finished, {} to run) on {jobs} job(s) × {threads_per_job} thread(s)",
         out.display(),
@@ -402,19 +395,7 @@ pub fn run(plan: &Plan, ds: Dataset, out: &Path, jobs: usize, verbose: bool) -> 
         w.join()
             .map_err(|_| anyhow::anyhow!("a worker thread panicked"))??;
     }
-    write_atomic(
-        &out.join(MANIFEST_JSON),
-        serde_json::to_vec_pretty(&manifest(
-            plan,
-            jobs,
-            threads_per_job,
-            &start,
-            Some(&now()),
-            done,
-            all.len(),
-        ))?
-        .as_slice(),
-    )?;
+    write_manifest(Some(&now()), done)?;
     if let Some(e) = failure {
         return Err(e);
     }

@@ -190,19 +190,7 @@ pub fn run(
         &varmap,
         key.seed,
     )?;
-    let params = {
-        let data = varmap
-            .data()
-            .lock()
-            .map_err(|_| anyhow::anyhow!("poisoned VarMap"))?;
-        let mut named: Vec<_> = data.iter().filter(|(n, _)| !is_running_stat(n)).collect();
-        named.sort_by(|a, b| a.0.cmp(b.0));
-        named
-            .into_iter()
-            .map(|(n, v)| (v.clone(), !is_normalizer_var(n)))
-            .collect()
-    };
-    let mut sgd = Sgd::new(params, cfg.momentum, cfg.weight_decay);
+    let mut sgd = optimizer(&varmap, cfg)?;
 
     let b = key.batch_size;
     let steps_per_epoch = ds.train.len() / b;

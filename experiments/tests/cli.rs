@@ -389,3 +389,44 @@ fn bad_arguments_fail_before_any_training() {
     let e = fails(&["report", o]);
     assert!(e.contains("no finished runs"), "{e}");
 }
+
+#[test]
+fn benchmark_commands_print_their_tables() {
+    let out = experiments(&[
+        "bench-norms",
+        "--shapes",
+        "2,32,4,4",
+        "--min-time",
+        "0",
+        "--norms",
+        "bn,gn,ln,in",
+    ]);
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for row in [
+        "| bn | fused |",
+        "| gn | reference |",
+        "| ln | candle-nn |",
+        "| in | fused |",
+    ] {
+        assert!(table.contains(row), "no {row} in\n{table}");
+    }
+    let e = fails(&["bench-norms", "--shapes", "2,32,4", "--min-time", "0"]);
+    assert!(e.contains("is not N,C,H,W"), "{e}");
+
+    let out = experiments(&["bench-conv", "--batch-sizes", "2", "--min-time", "0"]);
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        table.contains("| stem 3x3 3→16 16×16 | 2 |") && table.contains("| 2 |"),
+        "{table}"
+    );
+}

@@ -26,7 +26,10 @@ fn layer(kind: &str, norm: &str, c: usize, varmap: &VarMap) -> Forward {
     match kind {
         "fused" | "reference" => {
             let spec = if kind == "reference" {
-                format!("{spec}:impl=reference")
+                format!(
+                    "{spec}{}impl=reference",
+                    if spec.contains(':') { ',' } else { ':' }
+                )
             } else {
                 spec
             };
