@@ -117,6 +117,22 @@ impl Plan {
     pub fn validate(&self, ds: &Dataset) -> Result<()> {
         ensure!(!self.batch_sizes.is_empty(), "--batch-sizes is empty");
         ensure!(!self.seeds.is_empty(), "--seeds is empty");
+        let has_repeats = |v: Vec<u64>| {
+            let mut sorted = v.clone();
+            sorted.sort_unstable();
+            sorted.dedup();
+            sorted.len() != v.len()
+        };
+        ensure!(
+            !has_repeats(self.seeds.clone()),
+            "--seeds names a seed twice: {:?}",
+            self.seeds
+        );
+        ensure!(
+            !has_repeats(self.batch_sizes.iter().map(|&b| b as u64).collect()),
+            "--batch-sizes names a batch size twice: {:?}",
+            self.batch_sizes
+        );
         ensure!(self.train.epochs >= 1, "--epochs must be at least 1");
         ensure!(
             self.train.base_lr.is_finite() && self.train.base_lr > 0.0,

@@ -371,6 +371,8 @@ fn bad_arguments_fail_before_any_training() {
         ),
         (vec!["--batch-sizes", "8,1"], "batch size 1 with bn"),
         (vec!["--batch-sizes", "0"], "batch size 0"),
+        (vec!["--batch-sizes", "8,2,8"], "names a batch size twice"),
+        (vec!["--seeds", "1,1"], "names a seed twice"),
         (
             vec!["--batch-sizes", "100000"],
             "larger than the training set",
