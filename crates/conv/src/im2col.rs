@@ -41,6 +41,26 @@ impl Geometry {
         self.c_in * self.kh * self.kw
     }
 
+    /// The output coordinates `lo..hi` whose input coordinate at kernel offset `kk` lies inside
+    /// an axis of `size` (`out` outputs), and the input coordinate of `lo`.
+    #[inline]
+    fn valid_range(&self, kk: usize, size: usize, out: usize) -> (usize, usize, usize) {
+        let offset = kk * self.dilation;
+        let lo = self.padding.saturating_sub(offset).div_ceil(self.stride);
+        let end = size + self.padding;
+        let hi = if end > offset {
+            (end - offset).div_ceil(self.stride).min(out)
+        } else {
+            0
+        };
+        let lo = lo.min(hi);
+        (
+            lo,
+            hi,
+            (lo * self.stride + offset).saturating_sub(self.padding),
+        )
+    }
+
     /// Input coordinate of output coordinate `o` at kernel offset `kk`, if inside the image.
     #[inline]
     fn input_coord(&self, o: usize, kk: usize, size: usize) -> Option<usize> {
@@ -60,20 +80,25 @@ pub fn im2col<T: WithDType>(x: &[T], g: &Geometry) -> Vec<T> {
         .for_each(|(k, row)| {
             let (ci, kk) = (k / (g.kh * g.kw), k % (g.kh * g.kw));
             let (ky, kx) = (kk / g.kw, kk % g.kw);
+            let (lo, hi, ix0) = g.valid_range(kx, g.w, g.ow);
             for n in 0..g.n {
                 let plane = &x[(n * g.c_in + ci) * g.h * g.w..][..g.h * g.w];
                 let out = &mut row[n * p..][..p];
                 for oy in 0..g.oh {
                     let out_row = &mut out[oy * g.ow..][..g.ow];
-                    match g.input_coord(oy, ky, g.h) {
-                        None => out_row.fill(T::zero()),
-                        Some(iy) => {
-                            let in_row = &plane[iy * g.w..][..g.w];
-                            for (ox, o) in out_row.iter_mut().enumerate() {
-                                *o = g
-                                    .input_coord(ox, kx, g.w)
-                                    .map_or(T::zero(), |ix| in_row[ix]);
-                            }
+                    let Some(iy) = g.input_coord(oy, ky, g.h) else {
+                        out_row.fill(T::zero());
+                        continue;
+                    };
+                    let in_row = &plane[iy * g.w..][..g.w];
+                    out_row[..lo].fill(T::zero());
+                    out_row[hi..].fill(T::zero());
+                    let dst = &mut out_row[lo..hi];
+                    if g.stride == 1 {
+                        dst.copy_from_slice(&in_row[ix0..ix0 + dst.len()]);
+                    } else {
+                        for (j, o) in dst.iter_mut().enumerate() {
+                            *o = in_row[ix0 + j * g.stride];
                         }
                     }
                 }
@@ -88,6 +113,7 @@ pub fn col2im<T: WithDType>(cols: &[T], g: &Geometry) -> Vec<T> {
     let (p, np) = (g.p(), g.n * g.p());
     let mut x = vec![T::zero(); g.n * g.c_in * g.h * g.w];
     x.par_chunks_mut(g.h * g.w)
+        .with_min_len(min_len(g.h * g.w * g.kh * g.kw))
         .enumerate()
         .for_each(|(plane_idx, plane)| {
             let (n, ci) = (plane_idx / g.c_in, plane_idx % g.c_in);
@@ -95,15 +121,15 @@ pub fn col2im<T: WithDType>(cols: &[T], g: &Geometry) -> Vec<T> {
                 for kx in 0..g.kw {
                     let k = (ci * g.kh + ky) * g.kw + kx;
                     let src = &cols[k * np + n * p..][..p];
+                    let (lo, hi, ix0) = g.valid_range(kx, g.w, g.ow);
                     for oy in 0..g.oh {
                         let Some(iy) = g.input_coord(oy, ky, g.h) else {
                             continue;
                         };
                         let in_row = &mut plane[iy * g.w..][..g.w];
-                        for (ox, v) in src[oy * g.ow..][..g.ow].iter().enumerate() {
-                            if let Some(ix) = g.input_coord(ox, kx, g.w) {
-                                in_row[ix] += *v;
-                            }
+                        let vals = &src[oy * g.ow + lo..oy * g.ow + hi];
+                        for (j, v) in vals.iter().enumerate() {
+                            in_row[ix0 + j * g.stride] += *v;
                         }
                     }
                 }
