@@ -50,12 +50,13 @@ pub fn with_batch_stats(
                 Tensor::zeros(d.c, dtype, x.device())?,
             ),
         };
-        let (y3, stats) = kernels::fused_normalize(&x3, &weight, &bias, sets, eps)?;
-        let stat = |v: Vec<f64>| Tensor::from_vec(v, stats.mean.len(), x.device());
+        let (y3, kernels::Stats { mean, var }) =
+            kernels::fused_normalize(&x3, &weight, &bias, sets, eps)?;
+        let count = mean.len();
         return Ok(Normalized {
             y: input::unview(y3, x)?,
-            mean: stat(stats.mean.clone())?,
-            var: stat(stats.var)?,
+            mean: Tensor::from_vec(mean, count, x.device())?,
+            var: Tensor::from_vec(var, count, x.device())?,
         });
     }
     let x3 = input::view3(x, d)?;
