@@ -96,14 +96,14 @@ impl CustomOp2 for Conv2dOp {
             .contiguous()?
             .reshape((c_out, np))?;
         let dw = if w.track_op() {
-            let cols = x.detach().apply_op1_no_bwd(&Im2Col(g))?;
+            let cols = x.detach().apply_op1_no_bwd(&Reshape::Im2Col(g))?;
             Some(dy.matmul(&cols.t()?)?.reshape(w.shape())?)
         } else {
             None
         };
         let dx = if x.track_op() {
             let dcols = w.detach().reshape((c_out, k))?.t()?.matmul(&dy)?;
-            Some(dcols.apply_op1_no_bwd(&Col2Im(g))?)
+            Some(dcols.apply_op1_no_bwd(&Reshape::Col2Im(g))?)
         } else {
             None
         };
@@ -111,11 +111,48 @@ impl CustomOp2 for Conv2dOp {
     }
 }
 
-/// x (N, C, H, W) to columns (K, N·P).
-struct Im2Col(Geometry);
+/// The data movement around the matmuls, as a candle op without backward.
+#[derive(Clone, Copy)]
+enum Reshape {
+    /// x (N, C, H, W) to columns (K, N·P).
+    Im2Col(Geometry),
+    /// Columns (K, N·P) back to an image (N, C, H, W), summing overlaps.
+    Col2Im(Geometry),
+}
 
-/// Columns (K, N·P) back to an image (N, C, H, W), summing overlaps.
-struct Col2Im(Geometry);
+impl CustomOp1 for Reshape {
+    fn name(&self) -> &'static str {
+        match self {
+            Reshape::Im2Col(_) => "normbench-im2col",
+            Reshape::Col2Im(_) => "normbench-col2im",
+        }
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let Some((start, end)) = l.contiguous_offsets() else {
+            bail!("{}: the input must be contiguous", self.name());
+        };
+        let (out, shape) = match *self {
+            Reshape::Im2Col(g) => (
+                dispatch(
+                    s,
+                    |v| im2col(&v[start..end], &g),
+                    |v| im2col(&v[start..end], &g),
+                )?,
+                Shape::from((g.k(), g.n * g.p())),
+            ),
+            Reshape::Col2Im(g) => (
+                dispatch(
+                    s,
+                    |v| col2im(&v[start..end], &g),
+                    |v| col2im(&v[start..end], &g),
+                )?,
+                Shape::from((g.n, g.c_in, g.h, g.w)),
+            ),
+        };
+        Ok((out, shape))
+    }
+}
 
 fn dispatch<F32, F64>(s: &CpuStorage, f32_: F32, f64_: F64) -> Result<CpuStorage>
 where
@@ -127,42 +164,4 @@ where
         CpuStorage::F64(v) => CpuStorage::F64(f64_(v)),
         _ => bail!("conv2d: expected f32 or f64, got {:?}", s.dtype()),
     })
-}
-
-impl CustomOp1 for Im2Col {
-    fn name(&self) -> &'static str {
-        "normbench-im2col"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let g = &self.0;
-        let (start, end) = l.contiguous_offsets().ok_or_else(|| {
-            candle_core::Error::Msg("im2col: the input must be contiguous".into())
-        })?;
-        let out = dispatch(
-            s,
-            |v| im2col(&v[start..end], g),
-            |v| im2col(&v[start..end], g),
-        )?;
-        Ok((out, Shape::from((g.k(), g.n * g.p()))))
-    }
-}
-
-impl CustomOp1 for Col2Im {
-    fn name(&self) -> &'static str {
-        "normbench-col2im"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let g = &self.0;
-        let (start, end) = l.contiguous_offsets().ok_or_else(|| {
-            candle_core::Error::Msg("col2im: the columns must be contiguous".into())
-        })?;
-        let out = dispatch(
-            s,
-            |v| col2im(&v[start..end], g),
-            |v| col2im(&v[start..end], g),
-        )?;
-        Ok((out, Shape::from((g.n, g.c_in, g.h, g.w))))
-    }
 }
