@@ -7,7 +7,6 @@ use anyhow::Result;
 use candle_core::{Device, Module, Tensor, Var};
 use candle_nn::VarMap;
 use conv::{Conv2d, Conv2dConfig, ConvImpl};
-use std::time::Instant;
 
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
@@ -22,19 +21,9 @@ pub struct BenchArgs {
     min_time: f64,
 }
 
-/// Median seconds per call of `f`, over at least 3 calls and `min_time` seconds, after one
-/// warm-up call.
-fn time(min_time: f64, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
-    f()?;
-    let mut samples = Vec::new();
-    let start = Instant::now();
-    while samples.len() < 3 || start.elapsed().as_secs_f64() < min_time {
-        let t = Instant::now();
-        f()?;
-        samples.push(t.elapsed().as_secs_f64());
-    }
-    samples.sort_by(|a, b| a.total_cmp(b));
-    Ok(samples[samples.len() / 2])
+/// Median seconds per call of `f` (see [`crate::bench_norms::measure`]).
+fn time(min_time: f64, f: impl FnMut() -> Result<()>) -> Result<f64> {
+    Ok(crate::bench_norms::measure(min_time, f)?.0)
 }
 
 struct Layer {

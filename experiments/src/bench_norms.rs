@@ -35,8 +35,9 @@ const DEFAULT_SHAPES: [[usize; 4]; 5] = [
     [32, 32, 32, 32],
 ];
 
-/// Median seconds per call and peak bytes allocated above the level before the call.
-fn measure(min_time: f64, mut f: impl FnMut() -> Result<()>) -> Result<(f64, usize)> {
+/// Median seconds per call of `f` and peak bytes allocated above the level before a call, over
+/// at least 3 calls and `min_time` seconds, after one warm-up call.
+pub fn measure(min_time: f64, mut f: impl FnMut() -> Result<()>) -> Result<(f64, usize)> {
     f()?;
     let mut samples = Vec::new();
     let mut peak = 0;

@@ -50,6 +50,26 @@ pub enum DatasetSpec {
     Cifar10(PathBuf),
 }
 
+/// The `key=N` options of a `--flag NAME:key=N,...` argument `whole`, N a whole number.
+pub fn whole_number_options<'a>(
+    opts: &'a str,
+    flag: &str,
+    whole: &str,
+) -> Result<Vec<(&'a str, u64)>> {
+    opts.split(',')
+        .filter(|kv| !kv.is_empty())
+        .map(|kv| {
+            let (k, v) = kv.split_once('=').with_context(|| {
+                format!("malformed option {kv:?} in {flag} {whole:?}; write key=value")
+            })?;
+            let n = v
+                .parse()
+                .with_context(|| format!("{flag} option {k}={v:?} is not a whole number"))?;
+            Ok((k, n))
+        })
+        .collect()
+}
+
 /// The embedded data set's size and seed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SyntheticConfig {
@@ -78,13 +98,7 @@ impl FromStr for DatasetSpec {
         match name {
             "synthetic" => {
                 let mut cfg = SyntheticConfig::default();
-                for kv in arg.split(',').filter(|kv| !kv.is_empty()) {
-                    let (k, v) = kv.split_once('=').with_context(|| {
-                        format!("malformed option {kv:?} in --dataset {s:?}; write key=value")
-                    })?;
-                    let n: u64 = v.parse().with_context(|| {
-                        format!("--dataset option {k}={v:?} is not a whole number")
-                    })?;
+                for (k, n) in whole_number_options(arg, "--dataset", s)? {
                     match k {
                         "train" => cfg.train = n as usize,
                         "test" => cfg.test = n as usize,

@@ -44,13 +44,12 @@ impl FromStr for ModelConfig {
             "unknown model {name:?}; expected resnet[:width=W,blocks=B,groups=G]"
         );
         let mut cfg = ModelConfig::default();
-        for kv in opts.split(',').filter(|kv| !kv.is_empty()) {
-            let (k, v) = kv.split_once('=').with_context(|| {
-                format!("malformed option {kv:?} in --model {s:?}; write key=value")
-            })?;
-            let n: usize = v.parse().ok().filter(|&n| n > 0).with_context(|| {
-                format!("--model option {k}={v:?} is not a positive whole number")
-            })?;
+        for (k, n) in crate::data::whole_number_options(opts, "--model", s)? {
+            ensure!(
+                n > 0,
+                "--model option {k}={n} is not a positive whole number"
+            );
+            let n = n as usize;
             match k {
                 "width" => cfg.width = n,
                 "blocks" => cfg.blocks = n,

@@ -110,19 +110,17 @@ fn fmt_cell(r: Option<&SummaryRow>, pm: &str) -> String {
     }
 }
 
+/// `B=32 | B=16 | …`: the batch-size columns of a markdown table.
+fn size_columns(sizes: &[usize]) -> String {
+    let cols: Vec<String> = sizes.iter().map(|b| format!("B={b}")).collect();
+    cols.join(" | ")
+}
+
 pub fn markdown(rows: &[SummaryRow], norms: &[String], sizes: &[usize]) -> String {
     let mut s = String::from(
         "Test error (%), mean ± standard deviation over seeds, by batch size per step.\n\n",
     );
-    let _ = writeln!(
-        s,
-        "| normalizer | {} |",
-        sizes
-            .iter()
-            .map(|b| format!("B={b}"))
-            .collect::<Vec<_>>()
-            .join(" | ")
-    );
+    let _ = writeln!(s, "| normalizer | {} |", size_columns(sizes));
     let _ = writeln!(s, "|---|{}", "---:|".repeat(sizes.len()));
     for norm in norms {
         let cells: Vec<String> = sizes
@@ -145,15 +143,7 @@ pub fn markdown(rows: &[SummaryRow], norms: &[String], sizes: &[usize]) -> Strin
              the running statistics; with the statistics of test batches of the training batch \
              size B; with the statistics of test batches of 250 (Wu & Johnson 2021).\n\n",
         );
-        let _ = writeln!(
-            s,
-            "| normalizer | evaluation | {} |",
-            sizes
-                .iter()
-                .map(|b| format!("B={b}"))
-                .collect::<Vec<_>>()
-                .join(" | ")
-        );
+        let _ = writeln!(s, "| normalizer | evaluation | {} |", size_columns(sizes));
         let _ = writeln!(s, "|---|---|{}", "---:|".repeat(sizes.len()));
         for norm in batch_dependent {
             for (label, f) in [
