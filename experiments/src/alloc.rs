@@ -1,5 +1,7 @@
 //! A counting global allocator, so that benchmarks can report peak memory: the system
 //! allocator plus two atomic counters (bytes in use, and the peak since the last reset).
+//! And [`keep_freed_memory`], which stops glibc from handing tensor-sized blocks back to the
+//! kernel after every step.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
@@ -35,6 +37,23 @@ pub fn reset_peak() -> usize {
 /// The highest use since the last [`reset_peak`].
 pub fn peak() -> usize {
     PEAK.load(Relaxed)
+}
+
+/// Tells glibc's malloc to serve blocks up to 32 MiB (its largest setting) from one heap shared
+/// by all threads and to keep freed memory instead of returning it to the kernel. By default each tensor above a
+/// dynamic threshold is a fresh `mmap`, so every training step and every benchmark call pays a
+/// page fault per 4 KiB of every large tensor, and how often depends on the allocation history
+/// (benchmarks of the same op then differ by 2–3× from run to run). Other platforms: no-op.
+pub fn keep_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes malloc's tuning; called before any threads start.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+        // One arena: a worker thread's own arena lives in 64 MiB heaps that are mapped and
+        // unmapped as tensors come and go.
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+    }
 }
 
 #[cfg(test)]

@@ -6,13 +6,15 @@ use crate::alloc;
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Module, ModuleT, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
+use rayon::prelude::*;
 use std::time::Instant;
 
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
-    /// Threads for the kernels (and candle's own ops).
-    #[arg(long, default_value_t = 1)]
-    threads: usize,
+    /// Thread counts for the kernels (and candle's own ops): a table for each, then the fused
+    /// kernels' scaling over the first.
+    #[arg(long, value_delimiter = ',', default_value = "1")]
+    threads: Vec<usize>,
     /// Shapes N,C,H,W separated by `;` [default: the five shapes of the kernels issue].
     #[arg(long)]
     shapes: Option<String>,
@@ -121,9 +123,45 @@ fn build(kind: &str, norm: &str, c: usize, vb: VarBuilder) -> Result<Layer> {
 
 struct Timing {
     fwd: f64,
-    fwd_bwd: f64,
+    /// Forward+backward less the identity harness: the median of paired differences.
+    net: f64,
     mem_fwd: usize,
-    mem_fwd_bwd: usize,
+    /// Peak memory of forward+backward less the harness's.
+    mem_net: usize,
+}
+
+/// Median seconds per call of `f` less a call of `base`, the two alternating so that drift in
+/// the machine's speed hits both alike; and the peaks of `f` and `base`.
+fn measure_net(
+    min_time: f64,
+    mut base: impl FnMut() -> Result<()>,
+    mut f: impl FnMut() -> Result<()>,
+) -> Result<(f64, usize, usize)> {
+    base()?;
+    f()?;
+    let (mut diffs, mut peak_base, mut peak_f) = (Vec::new(), 0, 0);
+    let start = Instant::now();
+    while diffs.len() < 5 || start.elapsed().as_secs_f64() < min_time {
+        let run = |g: &mut dyn FnMut() -> Result<()>, peak: &mut usize| -> Result<f64> {
+            let level = alloc::reset_peak();
+            let t = Instant::now();
+            g()?;
+            let secs = t.elapsed().as_secs_f64();
+            *peak = (*peak).max(alloc::peak().saturating_sub(level));
+            Ok(secs)
+        };
+        let tb = run(&mut base, &mut peak_base)?;
+        let tf = run(&mut f, &mut peak_f)?;
+        diffs.push(tf - tb);
+    }
+    diffs.sort_by(|a, b| a.total_cmp(b));
+    Ok((diffs[diffs.len() / 2], peak_f, peak_base))
+}
+
+fn fwd_bwd(layer: &Layer, x: &Var, r: &Tensor) -> Result<()> {
+    let y = layer.forward(x.as_tensor())?;
+    (y * r)?.sum_all()?.backward()?;
+    Ok(())
 }
 
 fn time_layer(layer: &Layer, x: &Var, r: &Tensor, min_time: f64) -> Result<Timing> {
@@ -131,108 +169,199 @@ fn time_layer(layer: &Layer, x: &Var, r: &Tensor, min_time: f64) -> Result<Timin
         layer.forward(x.as_tensor())?;
         Ok(())
     })?;
-    let (fwd_bwd, mem_fwd_bwd) = measure(min_time, || {
-        let y = layer.forward(x.as_tensor())?;
-        (y * r)?.sum_all()?.backward()?;
-        Ok(())
-    })?;
+    let (net, mem, mem_base) = measure_net(
+        min_time,
+        || fwd_bwd(&Layer::Identity, x, r),
+        || fwd_bwd(layer, x, r),
+    )?;
     Ok(Timing {
         fwd,
-        fwd_bwd,
+        net: net.max(1e-9),
         mem_fwd,
-        mem_fwd_bwd,
+        mem_net: mem.saturating_sub(mem_base),
     })
 }
 
-/// Bytes per second of copying a tensor of `n` f32 values (read once, written once).
+/// Bytes per second of copying a tensor of `n` f32 values (read once, written once), with the
+/// current pool's threads each copying a contiguous share.
 fn copy_bandwidth(n: usize, min_time: f64) -> Result<f64> {
     let src = vec![1f32; n];
     let mut dst = vec![0f32; n];
+    let share = n.div_ceil(rayon::current_num_threads());
     let (t, _) = measure(min_time, || {
-        dst.copy_from_slice(std::hint::black_box(&src));
+        dst.par_chunks_mut(share)
+            .zip(std::hint::black_box(&src).par_chunks(share))
+            .for_each(|(d, s)| d.copy_from_slice(s));
         std::hint::black_box(&mut dst);
         Ok(())
     })?;
     Ok(2.0 * 4.0 * n as f64 / t)
 }
 
-pub fn run(args: BenchArgs) -> Result<()> {
-    std::env::set_var("RAYON_NUM_THREADS", args.threads.to_string());
-    let shapes: Vec<[usize; 4]> = match &args.shapes {
-        None => DEFAULT_SHAPES.to_vec(),
-        Some(s) => s
-            .split(';')
-            .map(|shape| {
-                let dims: Vec<usize> = shape
-                    .split(',')
-                    .map(|d| d.trim().parse())
-                    .collect::<std::result::Result<_, _>>()?;
-                match dims[..] {
-                    [n, c, h, w] => Ok([n, c, h, w]),
-                    _ => bail!("--shapes: {shape:?} is not N,C,H,W"),
-                }
-            })
-            .collect::<Result<_>>()?,
+/// Median seconds of the fused backward kernel on its own (no autograd), output gradient `dy`.
+fn backward_alone(norm: &str, x: &Var, dy: &Tensor, min_time: f64) -> Result<f64> {
+    use normalizers::kernels::{fused_backward, fused_normalize, Sets};
+    let c = x.dim(1)?;
+    let sets = match norm {
+        "bn" => Sets::Channels,
+        "gn" => Sets::Groups(32),
+        "ln" => Sets::Groups(1),
+        _ => Sets::Groups(c),
     };
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(args.threads)
-        .build()?;
-    pool.install(|| -> Result<()> {
-        println!("## Normalization layers, training forward and forward+backward\n");
-        println!(
-            "f32, NCHW, {} thread(s). Forward+backward is `(y * r).sum_all()?.backward()` through candle's \
-             autograd, with the cost of that harness on an identity layer subtracted (\"net\"). \
-             GB/s counts the bytes the bound says each pass must move (bn forward: read x twice, write y; \
-             gn/ln/in forward: read x, write y; backward: read x and dy twice, write dx) against a copy of \
-             the same size measured now. Memory is the peak allocated above the inputs, as a multiple of \
-             the input's size.\n",
-            args.threads
-        );
-        let mut kinds = vec!["fused"];
-        if !args.no_reference {
-            kinds.push("reference");
+    let x = x.as_tensor().detach();
+    let (w, b) = (
+        Tensor::ones(c, DType::F32, &Device::Cpu)?,
+        Tensor::zeros(c, DType::F32, &Device::Cpu)?,
+    );
+    let (_, stats) = fused_normalize(&x, &w, &b, sets, 1e-5)?;
+    Ok(measure(min_time, || {
+        fused_backward(&x, &w, dy, sets, &stats, 1e-5)?;
+        Ok(())
+    })?
+    .0)
+}
+
+fn parse_shapes(shapes: &Option<String>) -> Result<Vec<[usize; 4]>> {
+    let Some(s) = shapes else {
+        return Ok(DEFAULT_SHAPES.to_vec());
+    };
+    s.split(';')
+        .map(|shape| {
+            let dims: Vec<usize> = shape
+                .split(',')
+                .map(|d| d.trim().parse())
+                .collect::<std::result::Result<_, _>>()?;
+            match dims[..] {
+                [n, c, h, w] if n * c * h * w > 0 => Ok([n, c, h, w]),
+                _ => bail!("--shapes: {shape:?} is not N,C,H,W with sizes above 0"),
+            }
+        })
+        .collect()
+}
+
+/// The fused kernels' times for one normalizer and shape: forward, backward alone and
+/// forward+backward net.
+type FusedTimes = Vec<((String, [usize; 4]), [f64; 3])>;
+
+pub fn run(args: BenchArgs) -> Result<()> {
+    let shapes = parse_shapes(&args.shapes)?;
+    if args.threads.is_empty() || args.threads.contains(&0) {
+        bail!("--threads: give thread counts above 0, e.g. --threads 1,2");
+    }
+    let mut fused: Vec<(usize, FusedTimes)> = Vec::new();
+    for &threads in &args.threads {
+        std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()?;
+        let times = pool.install(|| tables(&args, &shapes, threads))?;
+        fused.push((threads, times));
+    }
+    if let [(base_threads, base), rest @ ..] = &fused[..] {
+        if rest.is_empty() {
+            return Ok(());
         }
-        kinds.push("candle-nn");
-        for shape in &shapes {
-            let n: usize = shape.iter().product();
-            let bytes = 4.0 * n as f64;
-            let bandwidth = copy_bandwidth(n, args.min_time)?;
-            let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, shape.as_slice(), &Device::Cpu)?)?;
-            let r = Tensor::randn(0f32, 1.0, shape.as_slice(), &Device::Cpu)?;
-            let harness = time_layer(&Layer::Identity, &x, &r, args.min_time)?;
-            println!("### shape {shape:?} ({:.1} MB; copy bandwidth {:.1} GB/s; harness {:.2} ms)\n", bytes / 1e6, bandwidth / 1e9, harness.fwd_bwd * 1e3);
-            println!("| norm | impl | fwd (ms) | fwd+bwd net (ms) | fwd+bwd speed-up vs candle-nn | fwd GB/s | fwd+bwd GB/s | % of copy bandwidth (fwd, fwd+bwd) | peak mem fwd, fwd+bwd (× input) |");
-            println!("|---|---|---:|---:|---:|---:|---:|---:|---:|");
-            for norm in &args.norms {
-                let mut rows = Vec::new();
-                for kind in &kinds {
-                    let varmap = VarMap::new();
-                    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
-                    let layer = build(kind, norm, shape[1], vb)?;
-                    rows.push((kind, time_layer(&layer, &x, &r, args.min_time)?));
-                }
-                let candle = rows.iter().find(|(k, _)| **k == "candle-nn").map(|(_, t)| (t.fwd_bwd - harness.fwd_bwd).max(1e-9));
-                let fwd_bytes = if norm == "bn" { 3.0 } else { 2.0 } * bytes;
-                let bwd_bytes = 5.0 * bytes;
-                for (kind, t) in rows {
-                    let net = (t.fwd_bwd - harness.fwd_bwd).max(1e-9);
-                    let (gbs_f, gbs_fb) = (fwd_bytes / t.fwd, (fwd_bytes + bwd_bytes) / net);
-                    println!(
-                        "| {norm} | {kind} | {:.2} | {:.2} | {} | {:.1} | {:.1} | {:.0}%, {:.0}% | {:.1}, {:.1} |",
-                        t.fwd * 1e3,
-                        net * 1e3,
-                        candle.map_or("–".into(), |c| format!("{:.1}×", c / net)),
-                        gbs_f / 1e9,
-                        gbs_fb / 1e9,
-                        100.0 * gbs_f / bandwidth,
-                        100.0 * gbs_fb / bandwidth,
-                        t.mem_fwd as f64 / bytes,
-                        t.mem_fwd_bwd as f64 / bytes,
-                    );
+        println!("### Scaling of the fused kernels over {base_threads} thread(s)\n");
+        let mut header = "| norm | shape |".to_string();
+        let mut rule = "|---|---|".to_string();
+        for (threads, _) in rest {
+            header += &format!(
+                " fwd ×, {threads} threads | bwd alone ×, {threads} threads | fwd+bwd net ×, {threads} threads |"
+            );
+            rule += "---:|---:|---:|";
+        }
+        println!("{header}\n{rule}");
+        for (i, ((norm, shape), t1)) in base.iter().enumerate() {
+            let mut row = format!("| {norm} | {shape:?} |");
+            for (_, times) in rest {
+                let (_, t) = &times[i];
+                for k in 0..3 {
+                    row += &format!(" {:.2}× |", t1[k] / t[k]);
                 }
             }
-            println!();
+            println!("{row}");
         }
-        Ok(())
-    })
+        println!();
+    }
+    Ok(())
+}
+
+/// Prints the tables for one thread count (run inside a pool of that size); returns the fused
+/// kernels' times.
+fn tables(args: &BenchArgs, shapes: &[[usize; 4]], threads: usize) -> Result<FusedTimes> {
+    let mut fused = Vec::new();
+    println!(
+        "## Normalization layers, training forward and forward+backward, {threads} thread(s)\n"
+    );
+    println!(
+        "f32, NCHW, {threads} thread(s). Forward+backward is `(y * r).sum_all()?.backward()` through candle's \
+         autograd, less the same harness on an identity layer (\"net\": the median of paired \
+         differences, the two calls alternating; memory likewise). GB/s counts the bytes the bound says each pass must move (bn forward: \
+         read x twice, write y; gn/ln/in forward: read x, write y; backward: read x and dy twice, write \
+         dx) against a copy of the same size with the same threads, measured now. Memory is the peak allocated above the \
+         inputs, as a multiple of the input's size.\n"
+    );
+    let mut kinds = vec!["fused"];
+    if !args.no_reference {
+        kinds.push("reference");
+    }
+    kinds.push("candle-nn");
+    for shape in shapes {
+        let n: usize = shape.iter().product();
+        let bytes = 4.0 * n as f64;
+        let bandwidth = copy_bandwidth(n, args.min_time)?;
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, shape.as_slice(), &Device::Cpu)?)?;
+        let r = Tensor::randn(0f32, 1.0, shape.as_slice(), &Device::Cpu)?;
+        let (harness, harness_mem) = measure(args.min_time, || fwd_bwd(&Layer::Identity, &x, &r))?;
+        println!(
+            "### shape {shape:?} ({:.1} MB; copy bandwidth {:.1} GB/s; harness {:.2} ms, {:.1}× input)\n",
+            bytes / 1e6,
+            bandwidth / 1e9,
+            harness * 1e3,
+            harness_mem as f64 / bytes
+        );
+        println!("| norm | impl | fwd (ms) | bwd alone (ms) | fwd+bwd net (ms) | fwd+bwd speed-up vs candle-nn | fwd GB/s | fwd+bwd GB/s | % of copy bandwidth (fwd, bwd alone, fwd+bwd) | peak mem fwd, fwd+bwd net (× input) |");
+        println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+        for norm in &args.norms {
+            let mut rows = Vec::new();
+            for kind in &kinds {
+                let varmap = VarMap::new();
+                let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+                let layer = build(kind, norm, shape[1], vb)?;
+                rows.push((kind, time_layer(&layer, &x, &r, args.min_time)?));
+            }
+            let candle = rows
+                .iter()
+                .find(|(k, _)| **k == "candle-nn")
+                .map(|(_, t)| t.net);
+            let fwd_bytes = if norm == "bn" { 3.0 } else { 2.0 } * bytes;
+            let bwd_bytes = 5.0 * bytes;
+            for (kind, t) in rows {
+                let (gbs_f, gbs_fb) = (fwd_bytes / t.fwd, (fwd_bytes + bwd_bytes) / t.net);
+                let bwd = if *kind == "fused" {
+                    let bwd = backward_alone(norm, &x, &r, args.min_time)?;
+                    fused.push(((norm.clone(), *shape), [t.fwd, bwd, t.net]));
+                    Some(bwd)
+                } else {
+                    None
+                };
+                println!(
+                    "| {norm} | {kind} | {:.2} | {} | {:.2} | {} | {:.1} | {:.1} | {:.0}%, {}, {:.0}% | {:.1}, {:.1} |",
+                    t.fwd * 1e3,
+                    bwd.map_or("–".into(), |b| format!("{:.2}", b * 1e3)),
+                    t.net * 1e3,
+                    candle.map_or("–".into(), |c| format!("{:.1}×", c / t.net)),
+                    gbs_f / 1e9,
+                    gbs_fb / 1e9,
+                    100.0 * gbs_f / bandwidth,
+                    bwd.map_or("–".into(), |b| format!("{:.0}%", 100.0 * bwd_bytes / b / bandwidth)),
+                    100.0 * gbs_fb / bandwidth,
+                    t.mem_fwd as f64 / bytes,
+                    t.mem_net as f64 / bytes,
+                );
+            }
+        }
+        println!();
+    }
+    Ok(fused)
 }

@@ -179,6 +179,7 @@ fn sweep(args: SweepArgs) -> Result<()> {
 }
 
 fn main() -> Result<()> {
+    alloc::keep_freed_memory();
     match Cli::parse().command {
         Command::Sweep(args) => sweep(args),
         Command::Merge { out, shards } => sweep::merge(&out, &shards),

@@ -31,6 +31,22 @@ fn kernel_dtype(dtype: DType) -> DType {
     }
 }
 
+/// The kernels' weight and bias: the affine parameters in `dtype`, or ones and zeros.
+fn kernel_affine(
+    affine: &Option<Affine>,
+    c: usize,
+    dtype: DType,
+    x: &Tensor,
+) -> Result<(Tensor, Tensor)> {
+    Ok(match affine {
+        Some(a) => (a.weight.to_dtype(dtype)?, a.bias.to_dtype(dtype)?),
+        None => (
+            Tensor::ones(c, dtype, x.device())?,
+            Tensor::zeros(c, dtype, x.device())?,
+        ),
+    })
+}
+
 /// Normalizes `x` with its own statistics over `sets` and applies the affine transform.
 pub fn with_batch_stats(
     x: &Tensor,
@@ -42,19 +58,12 @@ pub fn with_batch_stats(
 ) -> Result<Normalized> {
     if use_kernels(x, imp) {
         let dtype = kernel_dtype(x.dtype());
-        let x3 = x.to_dtype(dtype)?.reshape((d.n, d.c, d.s))?;
-        let (weight, bias) = match affine {
-            Some(a) => (a.weight.to_dtype(dtype)?, a.bias.to_dtype(dtype)?),
-            None => (
-                Tensor::ones(d.c, dtype, x.device())?,
-                Tensor::zeros(d.c, dtype, x.device())?,
-            ),
-        };
-        let (y3, kernels::Stats { mean, var }) =
-            kernels::fused_normalize(&x3, &weight, &bias, sets, eps)?;
+        let (weight, bias) = kernel_affine(affine, d.c, dtype, x)?;
+        let (y, kernels::Stats { mean, var }) =
+            kernels::fused_normalize(&x.to_dtype(dtype)?, &weight, &bias, sets, eps)?;
         let count = mean.len();
         return Ok(Normalized {
-            y: input::unview(y3, x)?,
+            y: y.to_dtype(x.dtype())?,
             mean: Tensor::from_vec(mean, count, x.device())?,
             var: Tensor::from_vec(var, count, x.device())?,
         });
@@ -82,31 +91,15 @@ pub fn with_running_stats(
     imp: Impl,
 ) -> Result<Tensor> {
     if use_kernels(x, imp) {
-        // (x − μ)·(w / sqrt(σ² + eps)) + b in the kernels' dtype: three passes, and no
-        // cancellation between x·scale and a large shift.
         let dtype = kernel_dtype(x.dtype());
-        let x3 = x.to_dtype(dtype)?.reshape((d.n, d.c, d.s))?;
+        let (weight, bias) = kernel_affine(affine, d.c, dtype, x)?;
         let (mean, var) = running.stored()?;
-        let inv_std = (var.to_dtype(DType::F64)? + eps)?
-            .sqrt()?
-            .recip()?
-            .to_dtype(dtype)?;
-        let (scale, shift) = match affine {
-            Some(a) => (
-                (a.weight.to_dtype(dtype)? * inv_std)?,
-                Some(a.bias.to_dtype(dtype)?),
-            ),
-            None => (inv_std, None),
+        let stats = kernels::Stats {
+            mean: mean.to_dtype(DType::F64)?.to_vec1()?,
+            var: var.to_dtype(DType::F64)?.to_vec1()?,
         };
-        let per_channel = |t: &Tensor| t.reshape((1, d.c, 1));
-        let y3 = x3
-            .broadcast_sub(&per_channel(&mean.to_dtype(dtype)?)?)?
-            .broadcast_mul(&per_channel(&scale)?)?;
-        let y3 = match shift {
-            Some(b) => y3.broadcast_add(&per_channel(&b)?)?,
-            None => y3,
-        };
-        return input::unview(y3, x);
+        let y = kernels::fused_normalize_fixed(&x.to_dtype(dtype)?, &weight, &bias, stats, eps)?;
+        return y.to_dtype(x.dtype());
     }
     let x3 = input::view3(x, d)?;
     input::unview(apply_affine(running.normalize(&x3, eps)?, affine)?, x)

@@ -71,11 +71,16 @@ fn outcome(
 }
 
 fn shape_strategy() -> impl Strategy<Value = Vec<usize>> {
-    (2usize..4, 1usize..3, prop::collection::vec(2usize..6, 1..4)).prop_map(|(n, k, spatial)| {
-        let mut shape = vec![n, 2 * k];
-        shape.extend(spatial);
-        shape
-    })
+    (
+        2usize..4,
+        1usize..3,
+        prop::collection::vec(2usize..12, 1..4),
+    )
+        .prop_map(|(n, k, spatial)| {
+            let mut shape = vec![n, 2 * k];
+            shape.extend(spatial);
+            shape
+        })
 }
 
 proptest! {
@@ -95,6 +100,31 @@ proptest! {
         prop_assert_eq!(fused.len(), reference.len());
         for ((name, a), (_, b)) in fused.iter().zip(&reference) {
             assert_close(&format!("{spec} {shape:?} {dtype:?} strided={strided}: {name}"), a, b, tol);
+        }
+    }
+}
+
+#[test]
+fn the_backward_kernel_alone_gives_the_autograd_gradients() {
+    use normalizers::kernels::{fused_backward, fused_normalize, Sets};
+    let shape = [3, 4, 5, 7];
+    for (sets, dtype) in [
+        (Sets::Channels, DType::F64),
+        (Sets::Groups(2), DType::F32),
+        (Sets::Groups(4), DType::F64),
+    ] {
+        let x = Var::from_tensor(&seeded(&shape, 1, 2.0, 3.0).to_dtype(dtype).unwrap()).unwrap();
+        let w = Var::from_tensor(&seeded(&[4], 2, 1.0, 0.5).to_dtype(dtype).unwrap()).unwrap();
+        let b = Var::from_tensor(&seeded(&[4], 3, 0.0, 0.5).to_dtype(dtype).unwrap()).unwrap();
+        let r = seeded(&shape, 4, 0.0, 1.0).to_dtype(dtype).unwrap();
+        let (y, stats) =
+            fused_normalize(x.as_tensor(), w.as_tensor(), b.as_tensor(), sets, 1e-5).unwrap();
+        let grads = weighted_sum(&y, &r).unwrap().backward().unwrap();
+        let (dx, dw, db) =
+            fused_backward(x.as_tensor(), w.as_tensor(), &r, sets, &stats, 1e-5).unwrap();
+        for (name, got, var) in [("dx", &dx, &x), ("dw", &dw, &w), ("db", &db, &b)] {
+            let want = to_f64(grads.get(var.as_tensor()).unwrap());
+            assert_close(&format!("{sets:?} {name}"), &to_f64(got), &want, 0.0);
         }
     }
 }

@@ -1,6 +1,8 @@
+use super::lanes::{self, Acc, Float, LANES};
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 use std::sync::{Arc, OnceLock};
 
 /// Values below which splitting work over threads costs more than it saves.
@@ -24,6 +26,7 @@ pub struct Stats {
     pub var: Vec<f64>,
 }
 
+/// An input (N, C, *spatial) seen as (N, C, S), and how its values form sets.
 #[derive(Debug, Clone, Copy)]
 struct Geom {
     n: usize,
@@ -33,6 +36,24 @@ struct Geom {
 }
 
 impl Geom {
+    fn new(dims: &[usize], sets: Sets) -> Result<Self> {
+        let &[n, c, ref spatial @ ..] = dims else {
+            bail!("fused normalization expects (N, C, ...), got {dims:?}");
+        };
+        let geom = Geom {
+            n,
+            c,
+            s: spatial.iter().product(),
+            sets,
+        };
+        if let Sets::Groups(g) = sets {
+            if g == 0 || c % g != 0 {
+                bail!("fused normalization: {c} channels do not split into {g} groups");
+            }
+        }
+        Ok(geom)
+    }
+
     fn num_sets(&self) -> usize {
         match self.sets {
             Sets::Channels => self.c,
@@ -45,21 +66,20 @@ impl Geom {
         self.n * self.c * self.s / self.num_sets()
     }
 
-    /// Calls `f(offset, first_channel, channels)` for each contiguous segment of `set`, in order.
-    #[inline]
-    fn for_each_segment(&self, set: usize, mut f: impl FnMut(usize, usize, usize)) {
-        match self.sets {
-            Sets::Channels => {
-                for n in 0..self.n {
-                    f((n * self.c + set) * self.s, set, 1);
-                }
-            }
+    /// The runs of `set` in memory order: (offset, sample, channel) of each (sample, channel)
+    /// row of S values.
+    #[inline(always)]
+    fn runs(&self, set: usize) -> impl Iterator<Item = (usize, usize, usize)> {
+        let (samples, channels) = match self.sets {
+            Sets::Channels => (0..self.n, set..set + 1),
             Sets::Groups(g) => {
                 let cg = self.c / g;
                 let (n, group) = (set / g, set % g);
-                f((n * self.c + group * cg) * self.s, group * cg, cg);
+                (n..n + 1, group * cg..(group + 1) * cg)
             }
-        }
+        };
+        let (c, s) = (self.c, self.s);
+        samples.flat_map(move |n| channels.clone().map(move |ch| ((n * c + ch) * s, n, ch)))
     }
 
     /// Sets per rayon task, so that no task is too small to be worth a thread.
@@ -67,9 +87,13 @@ impl Geom {
         (MIN_TASK_VALUES / self.set_len().max(1)).max(1)
     }
 
-    /// The sample a set's segment at `offset` belongs to.
-    fn sample(&self, offset: usize) -> usize {
-        offset / (self.c * self.s)
+    /// Runs `f(set)` for every set, in parallel over a fixed partition.
+    fn par_sets<R: Send>(&self, f: impl Fn(usize) -> R + Sync + Send) -> Vec<R> {
+        (0..self.num_sets())
+            .into_par_iter()
+            .with_min_len(self.min_sets_per_task())
+            .map(f)
+            .collect()
     }
 }
 
@@ -83,133 +107,165 @@ impl<T> SharedMut<T> {
     /// # Safety
     /// No two tasks may touch the same `offset..offset + len`, and it must be in bounds.
     #[allow(clippy::mut_from_ref)]
+    #[inline(always)]
     unsafe fn slice(&self, offset: usize, len: usize) -> &mut [T] {
         std::slice::from_raw_parts_mut(self.0.add(offset), len)
     }
 }
 
-fn set_stats<T: WithDType>(x: &[T], g: &Geom, set: usize) -> (f64, f64) {
-    let mut sum = 0.0;
-    g.for_each_segment(set, |off, _, nch| {
-        sum += x[off..off + nch * g.s]
-            .iter()
-            .map(|v| v.to_f64())
-            .sum::<f64>();
-    });
-    let m = g.set_len() as f64;
-    let mean = sum / m;
-    let mut sq = 0.0;
-    g.for_each_segment(set, |off, _, nch| {
-        sq += x[off..off + nch * g.s]
-            .iter()
-            .map(|v| (v.to_f64() - mean).powi(2))
-            .sum::<f64>();
-    });
-    (mean, sq / m)
+/// A vector of `len` values, every one of them written by `fill` through disjoint slices.
+fn filled<T>(len: usize, fill: impl FnOnce(SharedMut<MaybeUninit<T>>)) -> Vec<T> {
+    let mut v = Vec::with_capacity(len);
+    fill(SharedMut(v.spare_capacity_mut().as_mut_ptr()));
+    // SAFETY: callers write all `len` values (the sets partition the tensor).
+    unsafe { v.set_len(len) };
+    v
 }
 
-fn forward<T: WithDType>(x: &[T], w: &[T], b: &[T], g: Geom, eps: f64) -> (Vec<T>, Stats) {
-    let mut y = vec![T::zero(); x.len()];
-    let out = SharedMut(y.as_mut_ptr());
-    let stats: Vec<(f64, f64)> = (0..g.num_sets())
-        .into_par_iter()
-        .with_min_len(g.min_sets_per_task())
-        .map(|set| {
+/// Mean and biased variance of one set in one sweep: sums of x − k and (x − k)² in f64, with
+/// k the set's first value (the shifted-data algorithm: no cancellation for a large mean).
+#[inline(always)]
+fn set_stats<T: Float>(x: &[T], g: &Geom, set: usize) -> (f64, f64) {
+    let (mut s1, mut s2): (Acc, Acc) = ([0.0; LANES], [0.0; LANES]);
+    let mut k = None;
+    for (off, _, _) in g.runs(set) {
+        let run = &x[off..off + g.s];
+        let k = *k.get_or_insert_with(|| run[0].widen());
+        lanes::shifted_sums(run, k, &mut s1, &mut s2);
+    }
+    let m = g.set_len() as f64;
+    let d = lanes::total(&s1) / m;
+    let var = (lanes::total(&s2) / m - d * d).max(0.0);
+    (k.unwrap_or(0.0) + d, var)
+}
+
+/// y = (x − μ)·rstd·w[c] + b[c] over the runs of `set`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn normalize_set<T: Float>(
+    x: &[T],
+    w: &[T],
+    b: &[T],
+    g: &Geom,
+    set: usize,
+    mean: f64,
+    rstd: f64,
+    out: SharedMut<MaybeUninit<T>>,
+) {
+    for (off, _, ch) in g.runs(set) {
+        // SAFETY: runs of different sets never overlap.
+        let dst = unsafe { out.slice(off, g.s) };
+        let a = rstd * w[ch].widen();
+        lanes::affine_into(&x[off..off + g.s], dst, mean, a, b[ch].widen());
+    }
+}
+
+/// The training forward: statistics of every set, then the normalized output.
+fn forward<T: Float>(x: &[T], w: &[T], b: &[T], g: Geom, eps: f64) -> (Vec<T>, Stats) {
+    let mut stats = Vec::new();
+    let y = filled(x.len(), |out| {
+        stats = g.par_sets(|set| {
             let (mean, var) = set_stats(x, &g, set);
-            let rstd = 1.0 / (var + eps).sqrt();
-            g.for_each_segment(set, |off, ch0, nch| {
-                // SAFETY: the sets partition the tensor, so segments never overlap.
-                let dst = unsafe { out.slice(off, nch * g.s) };
-                for k in 0..nch {
-                    let (a, shift) = (rstd * w[ch0 + k].to_f64(), b[ch0 + k].to_f64());
-                    let src = &x[off + k * g.s..][..g.s];
-                    for (d, xv) in dst[k * g.s..][..g.s].iter_mut().zip(src) {
-                        *d = T::from_f64((xv.to_f64() - mean) * a + shift);
-                    }
-                }
-            });
+            normalize_set(x, w, b, &g, set, mean, 1.0 / (var + eps).sqrt(), out);
             (mean, var)
         })
-        .collect();
+    });
     let (mean, var) = stats.into_iter().unzip();
     (y, Stats { mean, var })
 }
 
-/// Gradients (dx, dw, db) given the forward's statistics.
-fn backward<T: WithDType>(
+/// The evaluation forward with given per-channel statistics.
+fn forward_fixed<T: Float>(x: &[T], w: &[T], b: &[T], g: Geom, stats: &Stats, eps: f64) -> Vec<T> {
+    filled(x.len(), |out| {
+        g.par_sets(|set| {
+            let (mean, var) = (stats.mean[set], stats.var[set]);
+            normalize_set(x, w, b, &g, set, mean, 1.0 / (var + eps).sqrt(), out);
+        });
+    })
+}
+
+/// Which gradients the backward pass must produce.
+#[derive(Debug, Clone, Copy)]
+struct Needs {
+    dx: bool,
+    dw_db: bool,
+}
+
+/// Gradients (dx, dw, db) given the statistics; with `fixed` statistics (evaluation) no
+/// gradient flows through them.
+#[allow(clippy::too_many_arguments)]
+fn backward<T: Float>(
     x: &[T],
     w: &[T],
     dy: &[T],
     g: Geom,
     stats: &Stats,
     eps: f64,
-) -> (Vec<T>, Vec<T>, Vec<T>) {
-    let mut dx = vec![T::zero(); x.len()];
-    // Per-(sample, channel) partial sums of dy·x̂ and dy, added over samples afterwards.
+    fixed: bool,
+    needs: Needs,
+) -> (Option<Vec<T>>, Vec<T>, Vec<T>) {
+    // Per-(sample, channel) sums of dy·x̂ and dy, added over samples afterwards.
     let mut part_w = vec![0f64; g.n * g.c];
     let mut part_b = vec![0f64; g.n * g.c];
-    let (out, pw, pb) = (
-        SharedMut(dx.as_mut_ptr()),
+    let (pw, pb) = (
         SharedMut(part_w.as_mut_ptr()),
         SharedMut(part_b.as_mut_ptr()),
     );
     let m = g.set_len() as f64;
-    (0..g.num_sets())
-        .into_par_iter()
-        .with_min_len(g.min_sets_per_task())
-        .for_each(|set| {
-            let mean = stats.mean[set];
-            let rstd = 1.0 / (stats.var[set] + eps).sqrt();
-            let (mut sum_g, mut sum_gx) = (0.0, 0.0);
-            g.for_each_segment(set, |off, ch0, nch| {
-                let n = g.sample(off);
-                // SAFETY: (sample, channel) pairs belong to exactly one set.
-                let (pw, pb) =
-                    unsafe { (pw.slice(n * g.c + ch0, nch), pb.slice(n * g.c + ch0, nch)) };
-                for k in 0..nch {
-                    let (c, seg) = (ch0 + k, off + k * g.s);
-                    let (wc, mut sdx, mut sd) = (w[c].to_f64(), 0.0, 0.0);
-                    for (xv, dv) in x[seg..seg + g.s].iter().zip(&dy[seg..seg + g.s]) {
-                        let xhat = (xv.to_f64() - mean) * rstd;
-                        let d = dv.to_f64();
-                        sdx += d * xhat;
-                        sd += d;
-                    }
-                    pw[k] = sdx;
-                    pb[k] = sd;
-                    sum_g += wc * sd;
-                    sum_gx += wc * sdx;
+    let pass = |set: usize, out: Option<SharedMut<MaybeUninit<T>>>| {
+        let mean = stats.mean[set];
+        let rstd = 1.0 / (stats.var[set] + eps).sqrt();
+        let (mut sum_g, mut sum_gx) = (0.0, 0.0);
+        if !fixed || needs.dw_db {
+            for (off, n, ch) in g.runs(set) {
+                let (sd, sdx) = lanes::grad_sums(&x[off..off + g.s], &dy[off..off + g.s], mean);
+                // SAFETY: every (sample, channel) pair belongs to exactly one set.
+                unsafe {
+                    pw.slice(n * g.c + ch, 1)[0] = rstd * sdx;
+                    pb.slice(n * g.c + ch, 1)[0] = sd;
                 }
-            });
-            let (mean_g, mean_gx) = (sum_g / m, sum_gx / m);
-            g.for_each_segment(set, |off, ch0, nch| {
-                // SAFETY: the sets partition the tensor.
-                let dst = unsafe { out.slice(off, nch * g.s) };
-                // dx = rstd·(dy·w − mean_g − x̂·mean_gx) = p·dy − q·(x − μ) − rstd·mean_g
-                let (q, r0) = (rstd * rstd * mean_gx, -rstd * mean_g);
-                for k in 0..nch {
-                    let p = rstd * w[ch0 + k].to_f64();
-                    let seg = off + k * g.s;
-                    let (xs, dys) = (&x[seg..][..g.s], &dy[seg..][..g.s]);
-                    for ((d, xv), dv) in dst[k * g.s..][..g.s].iter_mut().zip(xs).zip(dys) {
-                        *d = T::from_f64(p * dv.to_f64() - q * (xv.to_f64() - mean) + r0);
-                    }
-                }
-            });
-        });
+                let wc = w[ch].widen();
+                sum_g += wc * sd;
+                sum_gx += wc * rstd * sdx;
+            }
+        }
+        let Some(out) = out else { return };
+        // dx = rstd·(dy·w − mean(g) − x̂·mean(g·x̂)) = p·dy − q·(x − μ) + r
+        let (q, r) = (rstd * rstd * sum_gx / m, -rstd * sum_g / m);
+        for (off, _, ch) in g.runs(set) {
+            // SAFETY: runs of different sets never overlap.
+            let dst = unsafe { out.slice(off, g.s) };
+            let p = rstd * w[ch].widen();
+            let (xs, dys) = (&x[off..off + g.s], &dy[off..off + g.s]);
+            if fixed {
+                lanes::scale_into(dys, dst, p);
+            } else {
+                lanes::grad_into(xs, dys, dst, mean, p, q, r);
+            }
+        }
+    };
+    let dx = if needs.dx {
+        Some(filled(x.len(), |out| {
+            g.par_sets(|set| pass(set, Some(out)));
+        }))
+    } else {
+        g.par_sets(|set| pass(set, None));
+        None
+    };
     let reduce = |part: &[f64]| -> Vec<T> {
         (0..g.c)
-            .map(|c| T::from_f64((0..g.n).map(|n| part[n * g.c + c]).sum()))
+            .map(|c| T::narrow((0..g.n).map(|n| part[n * g.c + c]).sum()))
             .collect()
     };
-    let (dw, db) = (reduce(&part_w), reduce(&part_b));
-    (dx, dw, db)
+    (dx, reduce(&part_w), reduce(&part_b))
 }
 
-/// The fused op on (x, weight, bias); its statistics land in `stats`.
+/// The fused op on (x, weight, bias): with batch statistics (which land in `stats`), or with
+/// fixed ones already in `stats` (`fixed`, evaluation).
 struct NormOp {
     sets: Sets,
     eps: f64,
+    fixed: bool,
     stats: Arc<OnceLock<Stats>>,
 }
 
@@ -220,11 +276,19 @@ fn contiguous<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout, what: &str) -> Re
     }
 }
 
-fn geom(dims: &[usize], sets: Sets) -> Result<Geom> {
-    let &[n, c, s] = dims else {
-        bail!("fused normalization expects (N, C, S), got {dims:?}");
-    };
-    Ok(Geom { n, c, s, sets })
+impl NormOp {
+    fn run_forward<T: Float>(&self, x: &[T], w: &[T], b: &[T], g: Geom) -> Result<Vec<T>> {
+        if self.fixed {
+            let Some(stats) = self.stats.get() else {
+                bail!("fused normalization: fixed statistics missing");
+            };
+            return Ok(forward_fixed(x, w, b, g, stats, self.eps));
+        }
+        let (y, stats) = forward(x, w, b, g, self.eps);
+        // An op instance runs forward once; a second run would compute the same statistics.
+        let _ = self.stats.set(stats);
+        Ok(y)
+    }
 }
 
 impl CustomOp3 for NormOp {
@@ -241,35 +305,25 @@ impl CustomOp3 for NormOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let g = geom(l1.dims(), self.sets)?;
-        let (y, stats) = match s1 {
-            CpuStorage::F32(_) => {
-                let (y, st) = forward::<f32>(
+        let g = Geom::new(l1.dims(), self.sets)?;
+        macro_rules! run {
+            ($t:ty, $variant:ident) => {
+                CpuStorage::$variant(self.run_forward::<$t>(
                     contiguous(s1, l1, "input")?,
                     contiguous(s2, l2, "weight")?,
                     contiguous(s3, l3, "bias")?,
                     g,
-                    self.eps,
-                );
-                (CpuStorage::F32(y), st)
-            }
-            CpuStorage::F64(_) => {
-                let (y, st) = forward::<f64>(
-                    contiguous(s1, l1, "input")?,
-                    contiguous(s2, l2, "weight")?,
-                    contiguous(s3, l3, "bias")?,
-                    g,
-                    self.eps,
-                );
-                (CpuStorage::F64(y), st)
-            }
+                )?)
+            };
+        }
+        let y = match s1 {
+            CpuStorage::F32(_) => run!(f32, F32),
+            CpuStorage::F64(_) => run!(f64, F64),
             other => bail!(
                 "fused normalization takes f32 or f64, got {:?}",
                 other.dtype()
             ),
         };
-        // A op instance runs forward once; a second run would recompute the same statistics.
-        let _ = self.stats.set(stats);
         Ok((y, l1.shape().clone()))
     }
 
@@ -284,57 +338,81 @@ impl CustomOp3 for NormOp {
         let Some(stats) = self.stats.get() else {
             bail!("fused normalization: backward before forward");
         };
-        let g = geom(x.dims(), self.sets)?;
-        let dy = dy.contiguous()?;
-        let (xs, xl) = x.storage_and_layout();
-        let (ws, wl) = w.storage_and_layout();
-        let (ds, dl) = dy.storage_and_layout();
-        let (
-            candle_core::Storage::Cpu(xs),
-            candle_core::Storage::Cpu(ws),
-            candle_core::Storage::Cpu(ds),
-        ) = (&*xs, &*ws, &*ds)
-        else {
-            bail!("fused normalization runs on the CPU only");
+        let needs = Needs {
+            dx: x.track_op(),
+            dw_db: w.track_op() || b.track_op(),
         };
-        macro_rules! grads {
-            ($t:ty) => {{
-                let (dx, dw, db) = backward::<$t>(
-                    contiguous(xs, xl, "input")?,
-                    contiguous(ws, wl, "weight")?,
-                    contiguous(ds, dl, "output gradient")?,
-                    g,
-                    stats,
-                    self.eps,
-                );
-                let dev = x.device();
-                (
-                    Tensor::from_vec(dx, x.shape(), dev)?,
-                    Tensor::from_vec(dw, g.c, dev)?,
-                    Tensor::from_vec(db, g.c, dev)?,
-                )
-            }};
-        }
-        let (dx, dw, db) = match xs {
-            CpuStorage::F32(_) => grads!(f32),
-            CpuStorage::F64(_) => grads!(f64),
-            other => bail!(
-                "fused normalization takes f32 or f64, got {:?}",
-                other.dtype()
-            ),
-        };
-        Ok((
-            x.track_op().then_some(dx),
-            w.track_op().then_some(dw),
-            b.track_op().then_some(db),
-        ))
+        let (dx, dw, db) = grads(x, w, dy, self.sets, stats, self.eps, self.fixed, needs)?;
+        Ok((dx, w.track_op().then_some(dw), b.track_op().then_some(db)))
     }
 }
 
-/// Normalizes `x3` (N, C, S), f32 or f64, over `sets` and applies the per-channel affine
-/// (`weight`, `bias` of shape (C), same dtype); returns the output and the sets' statistics.
+/// Gradients (dx if `needs.dx`, dw, db) of the op on `x` (contiguous) given `stats`.
+#[allow(clippy::too_many_arguments)]
+fn grads(
+    x: &Tensor,
+    w: &Tensor,
+    dy: &Tensor,
+    sets: Sets,
+    stats: &Stats,
+    eps: f64,
+    fixed: bool,
+    needs: Needs,
+) -> Result<(Option<Tensor>, Tensor, Tensor)> {
+    let g = Geom::new(x.dims(), sets)?;
+    let dy = dy.contiguous()?;
+    let (xs, xl) = x.storage_and_layout();
+    let (ws, wl) = w.storage_and_layout();
+    let (ds, dl) = dy.storage_and_layout();
+    let (
+        candle_core::Storage::Cpu(xs),
+        candle_core::Storage::Cpu(ws),
+        candle_core::Storage::Cpu(ds),
+    ) = (&*xs, &*ws, &*ds)
+    else {
+        bail!("fused normalization runs on the CPU only");
+    };
+    macro_rules! grads {
+        ($t:ty) => {{
+            let (dx, dw, db) = backward::<$t>(
+                contiguous(xs, xl, "input")?,
+                contiguous(ws, wl, "weight")?,
+                contiguous(ds, dl, "output gradient")?,
+                g,
+                stats,
+                eps,
+                fixed,
+                needs,
+            );
+            let dev = x.device();
+            (
+                dx.map(|dx| Tensor::from_vec(dx, x.shape(), dev))
+                    .transpose()?,
+                Tensor::from_vec(dw, g.c, dev)?,
+                Tensor::from_vec(db, g.c, dev)?,
+            )
+        }};
+    }
+    Ok(match xs {
+        CpuStorage::F32(_) => grads!(f32),
+        CpuStorage::F64(_) => grads!(f64),
+        other => bail!(
+            "fused normalization takes f32 or f64, got {:?}",
+            other.dtype()
+        ),
+    })
+}
+
+fn apply(x: &Tensor, weight: &Tensor, bias: &Tensor, op: NormOp) -> Result<Tensor> {
+    x.contiguous()?
+        .apply_op3(&weight.contiguous()?, &bias.contiguous()?, op)
+}
+
+/// Normalizes `x` (N, C, ...), f32 or f64, over `sets` with its own statistics and applies
+/// the per-channel affine (`weight`, `bias` of shape (C), same dtype); returns the output (the
+/// shape of `x`) and the sets' statistics.
 pub fn fused_normalize(
-    x3: &Tensor,
+    x: &Tensor,
     weight: &Tensor,
     bias: &Tensor,
     sets: Sets,
@@ -344,13 +422,70 @@ pub fn fused_normalize(
     let op = NormOp {
         sets,
         eps,
+        fixed: false,
         stats: stats.clone(),
     };
-    let y = x3
-        .contiguous()?
-        .apply_op3(&weight.contiguous()?, &bias.contiguous()?, op)?;
+    let y = apply(x, weight, bias, op)?;
     let Some(stats) = stats.get().cloned() else {
         bail!("fused normalization: forward left no statistics");
     };
     Ok((y, stats))
+}
+
+/// Normalizes each channel of `x` (N, C, ...) with the given statistics (`stats.mean` and
+/// `stats.var`, one per channel) and applies the affine: evaluation with running statistics.
+/// Gradients flow to `x`, `weight` and `bias`, not through the statistics.
+pub fn fused_normalize_fixed(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    stats: Stats,
+    eps: f64,
+) -> Result<Tensor> {
+    let c = x.dims().get(1).copied().unwrap_or(0);
+    if stats.mean.len() != c || stats.var.len() != c {
+        bail!(
+            "fused normalization: {} means and {} variances for {c} channels",
+            stats.mean.len(),
+            stats.var.len()
+        );
+    }
+    let op = NormOp {
+        sets: Sets::Channels,
+        eps,
+        fixed: true,
+        stats: Arc::new(OnceLock::from(stats)),
+    };
+    apply(x, weight, bias, op)
+}
+
+/// The fused backward pass on its own, outside autograd (for benchmarks): the gradients
+/// (dx, dweight, dbias) of `fused_normalize(x, weight, _, sets, eps)` for an output gradient
+/// `dy`, given the statistics that call returned.
+pub fn fused_backward(
+    x: &Tensor,
+    weight: &Tensor,
+    dy: &Tensor,
+    sets: Sets,
+    stats: &Stats,
+    eps: f64,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let needs = Needs {
+        dx: true,
+        dw_db: true,
+    };
+    let (dx, dw, db) = grads(
+        &x.contiguous()?,
+        &weight.contiguous()?,
+        dy,
+        sets,
+        stats,
+        eps,
+        false,
+        needs,
+    )?;
+    let Some(dx) = dx else {
+        bail!("fused normalization: no input gradient");
+    };
+    Ok((dx, dw, db))
 }

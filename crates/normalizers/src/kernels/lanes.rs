@@ -1,0 +1,258 @@
+//! The kernels' inner loops over one contiguous run of values, written so that the compiler
+//! vectorizes them: arithmetic in f64 whatever the storage type, reductions into `LANES`
+//! independent accumulators combined in a fixed order (the same result for every vector width,
+//! so scalar and AVX2 code agree bit for bit), and outputs written without a zeroing pass.
+//!
+//! Each kernel is compiled twice, plainly and for AVX2 + FMA, and picks the second where the
+//! CPU has them (Rust never contracts a·b + c into an FMA on its own, so the numbers do not
+//! change, only the speed).
+
+use candle_core::WithDType;
+use std::mem::MaybeUninit;
+
+/// The kernels' storage types, with conversions that always inline (candle's `WithDType`
+/// conversions are not marked `#[inline]`, which keeps the loops from vectorizing).
+pub trait Float: WithDType {
+    fn widen(self) -> f64;
+    fn narrow(v: f64) -> Self;
+}
+
+impl Float for f32 {
+    #[inline(always)]
+    fn widen(self) -> f64 {
+        self as f64
+    }
+    #[inline(always)]
+    fn narrow(v: f64) -> Self {
+        v as f32
+    }
+}
+
+impl Float for f64 {
+    #[inline(always)]
+    fn widen(self) -> f64 {
+        self
+    }
+    #[inline(always)]
+    fn narrow(v: f64) -> Self {
+        v
+    }
+}
+
+/// Whether the CPU runs the AVX2 + FMA versions.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn avx2_fma() -> bool {
+    std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
+}
+
+/// Defines a kernel `$name` that runs its AVX2 + FMA build where the CPU has those, and the
+/// plain build `$plain` it dispatches to otherwise.
+macro_rules! dispatched {
+    ($plain:ident; $(#[$doc:meta])* pub fn $name:ident<T: Float>($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
+        #[inline(always)]
+        #[allow(clippy::too_many_arguments)]
+        pub fn $plain<T: Float>($($arg: $ty),*) $(-> $ret)? $body
+
+        $(#[$doc])*
+        #[inline]
+        #[allow(clippy::too_many_arguments)]
+        pub fn $name<T: Float>($($arg: $ty),*) $(-> $ret)? {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2,fma")]
+                #[allow(clippy::too_many_arguments)]
+                fn avx2<T: Float>($($arg: $ty),*) $(-> $ret)? {
+                    $plain($($arg),*)
+                }
+                if avx2_fma() {
+                    // SAFETY: the CPU has both features.
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            $plain($($arg),*)
+        }
+    };
+}
+
+/// Independent accumulators per reduction: enough to hide the latency of f64 additions.
+pub const LANES: usize = 8;
+
+/// Partial sums in `LANES` lanes.
+pub type Acc = [f64; LANES];
+
+/// The lanes added in a fixed pairwise order.
+#[inline(always)]
+pub fn total(a: &Acc) -> f64 {
+    ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]))
+}
+
+/// The last, partial chunk of a run padded with `fill` to a full one, so that it goes through
+/// the same (vectorized) code as the others: array indices stay constant and the accumulators
+/// stay in registers.
+#[inline(always)]
+fn padded<T: Float>(rest: &[T], fill: T) -> [T; LANES] {
+    let mut c = [fill; LANES];
+    c[..rest.len()].copy_from_slice(rest);
+    c
+}
+
+dispatched! {
+shifted_sums_plain;
+/// Adds Σ(x − k) to `s1` and Σ(x − k)² to `s2`; `k` must be a value of type `T`.
+pub fn shifted_sums<T: Float>(x: &[T], k: f64, s1: &mut Acc, s2: &mut Acc) {
+    let (mut a1, mut a2) = (*s1, *s2);
+    let (chunks, rest) = x.as_chunks::<LANES>();
+    // Padding with k adds exact zeros.
+    let last = padded(rest, T::narrow(k));
+    for c in chunks.iter().chain(std::iter::once(&last)) {
+        for i in 0..LANES {
+            let d = c[i].widen() - k;
+            a1[i] += d;
+            a2[i] += d * d;
+        }
+    }
+    (*s1, *s2) = (a1, a2);
+}
+}
+
+dispatched! {
+grad_sums_plain;
+/// Returns (Σdy, Σdy·(x − mean)).
+pub fn grad_sums<T: Float>(x: &[T], dy: &[T], mean: f64) -> (f64, f64) {
+    #[inline(always)]
+    fn add<T: Float>(sd: &mut Acc, sdx: &mut Acc, xs: &[T; LANES], ds: &[T; LANES], mean: f64) {
+        let d: Acc = std::array::from_fn(|i| ds[i].widen());
+        let xm: Acc = std::array::from_fn(|i| xs[i].widen() - mean);
+        for i in 0..LANES {
+            sd[i] += d[i];
+        }
+        for i in 0..LANES {
+            sdx[i] += d[i] * xm[i];
+        }
+    }
+    let (mut sd, mut sdx): (Acc, Acc) = ([0.0; LANES], [0.0; LANES]);
+    let ((xc, xr), (dc, dr)) = (x.as_chunks::<LANES>(), dy.as_chunks::<LANES>());
+    for (xs, ds) in xc.iter().zip(dc) {
+        add(&mut sd, &mut sdx, xs, ds, mean);
+    }
+    // Padding dy with zeros adds exact zeros (x − mean is finite wherever the result is).
+    let (xl, dl) = (padded(xr, T::zero()), padded(dr, T::zero()));
+    add(&mut sd, &mut sdx, &xl, &dl, mean);
+    (total(&sd), total(&sdx))
+}
+}
+
+dispatched! {
+affine_into_plain;
+/// dst = (x − mean)·a + b.
+pub fn affine_into<T: Float>(x: &[T], dst: &mut [MaybeUninit<T>], mean: f64, a: f64, b: f64) {
+    for (d, v) in dst.iter_mut().zip(x) {
+        d.write(T::narrow((v.widen() - mean) * a + b));
+    }
+}
+}
+
+dispatched! {
+grad_into_plain;
+/// dst = p·dy − q·(x − mean) + r.
+pub fn grad_into<T: Float>(
+    x: &[T],
+    dy: &[T],
+    dst: &mut [MaybeUninit<T>],
+    mean: f64,
+    p: f64,
+    q: f64,
+    r: f64,
+) {
+    for ((d, xv), dv) in dst.iter_mut().zip(x).zip(dy) {
+        d.write(T::narrow(p * dv.widen() - q * (xv.widen() - mean) + r));
+    }
+}
+}
+
+dispatched! {
+scale_into_plain;
+/// dst = p·dy.
+pub fn scale_into<T: Float>(dy: &[T], dst: &mut [MaybeUninit<T>], p: f64) {
+    for (d, dv) in dst.iter_mut().zip(dy) {
+        d.write(T::narrow(p * dv.widen()));
+    }
+}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lanes_match_plain_sums() {
+        // 8·k + remainder lengths, values with a large offset to exercise the shift.
+        for len in [1usize, 7, 8, 9, 23, 64, 101] {
+            let x: Vec<f32> = (0..len)
+                .map(|i| 1000.0 + ((i * 37 % 11) as f32) * 0.01)
+                .collect();
+            let dy: Vec<f32> = (0..len).map(|i| ((i * 13 % 7) as f32) - 3.0).collect();
+            let k = x[0] as f64;
+            let (mut s1, mut s2) = ([0.0; LANES], [0.0; LANES]);
+            shifted_sums(&x, k, &mut s1, &mut s2);
+            let d: Vec<f64> = x.iter().map(|&v| v as f64 - k).collect();
+            let want1: f64 = d.iter().sum();
+            let want2: f64 = d.iter().map(|v| v * v).sum();
+            assert!(
+                (total(&s1) - want1).abs() <= 1e-12 * (1.0 + want1.abs()),
+                "{len}"
+            );
+            assert!(
+                (total(&s2) - want2).abs() <= 1e-12 * (1.0 + want2.abs()),
+                "{len}"
+            );
+            let mean = 1000.02;
+            let (sd, sdx) = grad_sums(&x, &dy, mean);
+            let want_sd: f64 = dy.iter().map(|&v| v as f64).sum();
+            let want_sdx: f64 = x
+                .iter()
+                .zip(&dy)
+                .map(|(&a, &b)| b as f64 * (a as f64 - mean))
+                .sum();
+            assert!(
+                (sd - want_sd).abs() <= 1e-12 * (1.0 + want_sd.abs()),
+                "{len}"
+            );
+            assert!((sdx - want_sdx).abs() <= 1e-9, "{len}: {sdx} vs {want_sdx}");
+        }
+    }
+
+    #[test]
+    fn elementwise_passes_write_every_value() {
+        let x: Vec<f64> = (0..19).map(|i| i as f64 * 0.5 - 3.0).collect();
+        let dy: Vec<f64> = (0..19).map(|i| (i % 5) as f64 - 2.0).collect();
+        let mut dst = vec![MaybeUninit::uninit(); 19];
+        affine_into(&x, &mut dst, 1.5, 2.0, -1.0);
+        for (d, v) in dst.iter().zip(&x) {
+            assert_eq!(unsafe { d.assume_init() }, (v - 1.5) * 2.0 - 1.0);
+        }
+        grad_into(&x, &dy, &mut dst, 1.5, 2.0, 0.25, 0.5);
+        for ((d, v), g) in dst.iter().zip(&x).zip(&dy) {
+            assert_eq!(unsafe { d.assume_init() }, 2.0 * g - 0.25 * (v - 1.5) + 0.5);
+        }
+        scale_into(&dy, &mut dst, 3.0);
+        for (d, g) in dst.iter().zip(&dy) {
+            assert_eq!(unsafe { d.assume_init() }, 3.0 * g);
+        }
+        // The AVX2 build computes the same as the plain one.
+        #[cfg(target_arch = "x86_64")]
+        if avx2_fma() {
+            let (xf, df): (Vec<f32>, Vec<f32>) = (
+                (0..37).map(|i| 1e3 + (i % 7) as f32 * 1e-2).collect(),
+                (0..37).map(|i| ((i * 5) % 11) as f32 - 5.0).collect(),
+            );
+            let (mut a, mut b) = ([0.0; LANES], [0.0; LANES]);
+            let (mut c, mut d) = ([0.0; LANES], [0.0; LANES]);
+            shifted_sums(&xf, 1e3, &mut a, &mut b);
+            shifted_sums_plain(&xf, 1e3, &mut c, &mut d);
+            assert_eq!((a, b), (c, d));
+            assert_eq!(grad_sums(&xf, &df, 1e3), grad_sums_plain(&xf, &df, 1e3));
+        }
+    }
+}
