@@ -198,8 +198,9 @@ fn copy_bandwidth(n: usize, min_time: f64) -> Result<f64> {
     Ok(2.0 * 4.0 * n as f64 / t)
 }
 
-/// Median seconds of the fused backward kernel on its own (no autograd), output gradient `dy`.
-fn backward_alone(norm: &str, x: &Var, dy: &Tensor, min_time: f64) -> Result<f64> {
+/// Median seconds and peak memory of the fused backward kernel on its own (no autograd),
+/// output gradient `dy`.
+fn backward_alone(norm: &str, x: &Var, dy: &Tensor, min_time: f64) -> Result<(f64, usize)> {
     use normalizers::kernels::{fused_backward, fused_normalize, Sets};
     let c = x.dim(1)?;
     let sets = match norm {
@@ -214,11 +215,10 @@ fn backward_alone(norm: &str, x: &Var, dy: &Tensor, min_time: f64) -> Result<f64
         Tensor::zeros(c, DType::F32, &Device::Cpu)?,
     );
     let (_, stats) = fused_normalize(&x, &w, &b, sets, 1e-5)?;
-    Ok(measure(min_time, || {
+    measure(min_time, || {
         fused_backward(&x, &w, dy, sets, &stats, 1e-5)?;
         Ok(())
-    })?
-    .0)
+    })
 }
 
 fn parse_shapes(shapes: &Option<String>) -> Result<Vec<[usize; 4]>> {
@@ -320,7 +320,7 @@ fn tables(args: &BenchArgs, shapes: &[[usize; 4]], threads: usize) -> Result<Fus
             harness * 1e3,
             harness_mem as f64 / bytes
         );
-        println!("| norm | impl | fwd (ms) | bwd alone (ms) | fwd+bwd net (ms) | fwd+bwd speed-up vs candle-nn | fwd GB/s | fwd+bwd GB/s | % of copy bandwidth (fwd, bwd alone, fwd+bwd) | peak mem fwd, fwd+bwd net (× input) |");
+        println!("| norm | impl | fwd (ms) | bwd alone (ms) | fwd+bwd net (ms) | fwd+bwd speed-up vs candle-nn | fwd GB/s | fwd+bwd GB/s | % of copy bandwidth (fwd, bwd alone, fwd+bwd) | peak mem fwd, bwd alone, fwd+bwd net (× input) |");
         println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|");
         for norm in &args.norms {
             let mut rows = Vec::new();
@@ -339,24 +339,25 @@ fn tables(args: &BenchArgs, shapes: &[[usize; 4]], threads: usize) -> Result<Fus
             for (kind, t) in rows {
                 let (gbs_f, gbs_fb) = (fwd_bytes / t.fwd, (fwd_bytes + bwd_bytes) / t.net);
                 let bwd = if *kind == "fused" {
-                    let bwd = backward_alone(norm, &x, &r, args.min_time)?;
+                    let (bwd, mem) = backward_alone(norm, &x, &r, args.min_time)?;
                     fused.push(((norm.clone(), *shape), [t.fwd, bwd, t.net]));
-                    Some(bwd)
+                    Some((bwd, mem))
                 } else {
                     None
                 };
                 println!(
-                    "| {norm} | {kind} | {:.2} | {} | {:.2} | {} | {:.1} | {:.1} | {:.0}%, {}, {:.0}% | {:.1}, {:.1} |",
+                    "| {norm} | {kind} | {:.2} | {} | {:.2} | {} | {:.1} | {:.1} | {:.0}%, {}, {:.0}% | {:.1}, {}, {:.1} |",
                     t.fwd * 1e3,
-                    bwd.map_or("–".into(), |b| format!("{:.2}", b * 1e3)),
+                    bwd.map_or("–".into(), |(b, _)| format!("{:.2}", b * 1e3)),
                     t.net * 1e3,
                     candle.map_or("–".into(), |c| format!("{:.1}×", c / t.net)),
                     gbs_f / 1e9,
                     gbs_fb / 1e9,
                     100.0 * gbs_f / bandwidth,
-                    bwd.map_or("–".into(), |b| format!("{:.0}%", 100.0 * bwd_bytes / b / bandwidth)),
+                    bwd.map_or("–".into(), |(b, _)| format!("{:.0}%", 100.0 * bwd_bytes / b / bandwidth)),
                     100.0 * gbs_fb / bandwidth,
                     t.mem_fwd as f64 / bytes,
+                    bwd.map_or("–".into(), |(_, m)| format!("{:.1}", m as f64 / bytes)),
                     t.mem_net as f64 / bytes,
                 );
             }

@@ -7,6 +7,7 @@
 
 use candle_core::WithDType;
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 /// Chunks per rayon task for chunks of `chunk_len` values: no task is too small to be worth a
 /// thread.
@@ -60,58 +61,106 @@ impl Geometry {
             (lo * self.stride + offset).saturating_sub(self.padding),
         )
     }
+}
 
-    /// Input coordinate of output coordinate `o` at kernel offset `kk`, if inside the image.
-    #[inline]
-    fn input_coord(&self, o: usize, kk: usize, size: usize) -> Option<usize> {
-        (o * self.stride + kk * self.dilation)
-            .checked_sub(self.padding)
-            .filter(|&i| i < size)
+/// A vector of `len` values, every one of them written by `fill` (which must write them all).
+fn filled<T: WithDType>(len: usize, fill: impl FnOnce(&mut [MaybeUninit<T>])) -> Vec<T> {
+    let mut v: Vec<T> = Vec::with_capacity(len);
+    fill(&mut v.spare_capacity_mut()[..len]);
+    // SAFETY: `fill` wrote all `len` values.
+    unsafe { v.set_len(len) };
+    v
+}
+
+#[inline]
+fn zero<T: WithDType>(dst: &mut [MaybeUninit<T>]) {
+    for d in dst {
+        d.write(T::zero());
+    }
+}
+
+#[inline]
+fn copy<T: WithDType>(dst: &mut [MaybeUninit<T>], src: &[T]) {
+    assert_eq!(dst.len(), src.len());
+    // SAFETY: same length, and the two cannot overlap (one is borrowed mutably).
+    unsafe {
+        std::ptr::copy_nonoverlapping(src.as_ptr(), dst.as_mut_ptr().cast::<T>(), src.len());
     }
 }
 
 /// `x` (N, C, H, W), contiguous, to columns (K, N·P).
+///
+/// With stride 1 and an output as wide as the input (the usual "same" padding), output and
+/// input positions of one kernel tap differ by a constant offset: each (tap, sample) block is
+/// then one contiguous copy, after which the few positions that wrapped around a row edge are
+/// set to zero. Other geometries copy row by row.
 pub fn im2col<T: WithDType>(x: &[T], g: &Geometry) -> Vec<T> {
     let (p, np) = (g.p(), g.n * g.p());
-    let mut cols = vec![T::zero(); g.k() * np];
-    cols.par_chunks_mut(np)
-        .with_min_len(min_len(np))
-        .enumerate()
-        .for_each(|(k, row)| {
-            let (ci, kk) = (k / (g.kh * g.kw), k % (g.kh * g.kw));
-            let (ky, kx) = (kk / g.kw, kk % g.kw);
-            let (lo, hi, ix0) = g.valid_range(kx, g.w, g.ow);
-            for n in 0..g.n {
-                let plane = &x[(n * g.c_in + ci) * g.h * g.w..][..g.h * g.w];
-                let out = &mut row[n * p..][..p];
-                for oy in 0..g.oh {
-                    let out_row = &mut out[oy * g.ow..][..g.ow];
-                    let Some(iy) = g.input_coord(oy, ky, g.h) else {
-                        out_row.fill(T::zero());
+    let plane_len = g.h * g.w;
+    let shifted = g.stride == 1 && g.ow == g.w;
+    filled(g.k() * np, |cols| {
+        cols.par_chunks_mut(np)
+            .with_min_len(min_len(np))
+            .enumerate()
+            .for_each(|(k, row)| {
+                let (ci, kk) = (k / (g.kh * g.kw), k % (g.kh * g.kw));
+                let (ky, kx) = (kk / g.kw, kk % g.kw);
+                let (lo, hi, ix0) = g.valid_range(kx, g.w, g.ow);
+                let (ylo, yhi, iy0) = g.valid_range(ky, g.h, g.oh);
+                for n in 0..g.n {
+                    let plane = &x[(n * g.c_in + ci) * plane_len..][..plane_len];
+                    let out = &mut row[n * p..][..p];
+                    zero(&mut out[..ylo * g.ow]);
+                    zero(&mut out[yhi * g.ow..]);
+                    if lo == hi {
+                        zero(&mut out[ylo * g.ow..yhi * g.ow]); // a tap that only sees padding
                         continue;
-                    };
-                    let in_row = &plane[iy * g.w..][..g.w];
-                    out_row[..lo].fill(T::zero());
-                    out_row[hi..].fill(T::zero());
-                    let dst = &mut out_row[lo..hi];
-                    if dst.is_empty() {
-                        continue; // this kernel tap only ever sees padding
                     }
-                    if g.stride == 1 {
-                        dst.copy_from_slice(&in_row[ix0..ix0 + dst.len()]);
-                    } else {
-                        for (j, o) in dst.iter_mut().enumerate() {
-                            *o = in_row[ix0 + j * g.stride];
+                    if shifted {
+                        // Output position j reads input position j + delta.
+                        let delta = (iy0 * g.w + ix0) as isize - (ylo * g.ow + lo) as isize;
+                        let first = (ylo * g.ow) as isize;
+                        let last = (yhi * g.ow) as isize;
+                        // Positions a..b read inside the plane.
+                        let a = (-delta).clamp(first, last);
+                        let b = (plane_len as isize - delta).clamp(a, last);
+                        if a < b {
+                            let src = &plane[(a + delta) as usize..(b + delta) as usize];
+                            copy(&mut out[a as usize..b as usize], src);
+                        }
+                        // Positions before a / after b, and the wrapped columns, read padding.
+                        zero(&mut out[first as usize..a as usize]);
+                        zero(&mut out[b as usize..last as usize]);
+                        for oy in ylo..yhi {
+                            let out_row = &mut out[oy * g.ow..][..g.ow];
+                            zero(&mut out_row[..lo]);
+                            zero(&mut out_row[hi..]);
+                        }
+                        continue;
+                    }
+                    for oy in ylo..yhi {
+                        let out_row = &mut out[oy * g.ow..][..g.ow];
+                        let iy = iy0 + (oy - ylo) * g.stride;
+                        let in_row = &plane[iy * g.w..][..g.w];
+                        zero(&mut out_row[..lo]);
+                        zero(&mut out_row[hi..]);
+                        let dst = &mut out_row[lo..hi];
+                        if g.stride == 1 {
+                            copy(dst, &in_row[ix0..ix0 + (hi - lo)]);
+                        } else {
+                            for (j, d) in dst.iter_mut().enumerate() {
+                                d.write(in_row[ix0 + j * g.stride]);
+                            }
                         }
                     }
                 }
-            }
-        });
-    cols
+            });
+    })
 }
 
 /// Columns (K, N·P), contiguous, summed back into an image (N, C, H, W): the adjoint of
-/// [`im2col`], which turns the columns' gradient into the input's.
+/// [`im2col`], which turns the columns' gradient into the input's. Each plane adds its taps in
+/// a fixed order (ky, kx, then rows).
 pub fn col2im<T: WithDType>(cols: &[T], g: &Geometry) -> Vec<T> {
     let (p, np) = (g.p(), g.n * g.p());
     let mut x = vec![T::zero(); g.n * g.c_in * g.h * g.w];
@@ -121,18 +170,26 @@ pub fn col2im<T: WithDType>(cols: &[T], g: &Geometry) -> Vec<T> {
         .for_each(|(plane_idx, plane)| {
             let (n, ci) = (plane_idx / g.c_in, plane_idx % g.c_in);
             for ky in 0..g.kh {
+                let (ylo, yhi, iy0) = g.valid_range(ky, g.h, g.oh);
                 for kx in 0..g.kw {
                     let k = (ci * g.kh + ky) * g.kw + kx;
                     let src = &cols[k * np + n * p..][..p];
                     let (lo, hi, ix0) = g.valid_range(kx, g.w, g.ow);
-                    for oy in 0..g.oh {
-                        let Some(iy) = g.input_coord(oy, ky, g.h) else {
-                            continue;
-                        };
+                    if lo == hi {
+                        continue;
+                    }
+                    for oy in ylo..yhi {
+                        let iy = iy0 + (oy - ylo) * g.stride;
                         let in_row = &mut plane[iy * g.w..][..g.w];
                         let vals = &src[oy * g.ow + lo..oy * g.ow + hi];
-                        for (j, v) in vals.iter().enumerate() {
-                            in_row[ix0 + j * g.stride] += *v;
+                        if g.stride == 1 {
+                            for (d, v) in in_row[ix0..].iter_mut().zip(vals) {
+                                *d += *v;
+                            }
+                        } else {
+                            for (j, v) in vals.iter().enumerate() {
+                                in_row[ix0 + j * g.stride] += *v;
+                            }
                         }
                     }
                 }

@@ -90,6 +90,7 @@ impl CustomOp2 for Conv2dOp {
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let g = geometry(x.dims(), w.dims(), self.cfg)?;
         let (c_out, k, np) = (w.dim(0)?, g.k(), g.n * g.p());
+        let dy_nchw = dy;
         let dy = dy
             .reshape((g.n, c_out, g.p()))?
             .transpose(0, 1)?
@@ -101,14 +102,34 @@ impl CustomOp2 for Conv2dOp {
         } else {
             None
         };
-        let dx = if x.track_op() {
-            let dcols = w.detach().reshape((c_out, k))?.t()?.matmul(&dy)?;
-            Some(dcols.apply_op1_no_bwd(&Reshape::Col2Im(g))?)
-        } else {
-            None
+        let dx = match (x.track_op(), transposed_as_convolution(&g)) {
+            (false, _) => None,
+            (true, Some(cfg)) => {
+                // Stride 1: the input gradient is itself a convolution of dY with the kernel
+                // flipped in space and transposed in channels, which im2col + matmul do
+                // faster than matmul + col2im.
+                let w_t = w.detach().apply_op1_no_bwd(&Reshape::FlipTranspose)?;
+                let dy = dy_nchw.contiguous()?;
+                Some(dy.apply_op2_no_bwd(&w_t, &Conv2dOp { cfg })?)
+            }
+            (true, None) => {
+                let dcols = w.detach().reshape((c_out, k))?.t()?.matmul(&dy)?;
+                Some(dcols.apply_op1_no_bwd(&Reshape::Col2Im(g))?)
+            }
         };
         Ok((dx, dw))
     }
+}
+
+/// For stride 1 and a square kernel, the convolution whose output is the transposed
+/// convolution's (the input gradient): padding d·(k − 1) − p, which must not be negative.
+fn transposed_as_convolution(g: &Geometry) -> Option<Conv2dConfig> {
+    let span = g.dilation * (g.kh - 1);
+    (g.stride == 1 && g.kh == g.kw && g.padding <= span).then_some(Conv2dConfig {
+        stride: 1,
+        padding: span - g.padding,
+        dilation: g.dilation,
+    })
 }
 
 /// The data movement around the matmuls, as a candle op without backward.
@@ -118,6 +139,9 @@ enum Reshape {
     Im2Col(Geometry),
     /// Columns (K, N·P) back to an image (N, C, H, W), summing overlaps.
     Col2Im(Geometry),
+    /// A kernel (O, C, kH, kW) to (C, O, kH, kW) flipped in space: w'[c, o, y, x] =
+    /// w[o, c, kH − 1 − y, kW − 1 − x].
+    FlipTranspose,
 }
 
 impl CustomOp1 for Reshape {
@@ -125,6 +149,7 @@ impl CustomOp1 for Reshape {
         match self {
             Reshape::Im2Col(_) => "normbench-im2col",
             Reshape::Col2Im(_) => "normbench-col2im",
+            Reshape::FlipTranspose => "normbench-flip-transpose",
         }
     }
 
@@ -149,9 +174,38 @@ impl CustomOp1 for Reshape {
                 )?,
                 Shape::from((g.n, g.c_in, g.h, g.w)),
             ),
+            Reshape::FlipTranspose => {
+                let &[o, c, kh, kw] = l.dims() else {
+                    bail!(
+                        "{}: expected (O, C, kH, kW), got {:?}",
+                        self.name(),
+                        l.dims()
+                    );
+                };
+                (
+                    dispatch(
+                        s,
+                        |v| flip_transpose(&v[start..end], [o, c, kh, kw]),
+                        |v| flip_transpose(&v[start..end], [o, c, kh, kw]),
+                    )?,
+                    Shape::from((c, o, kh, kw)),
+                )
+            }
         };
         Ok((out, shape))
     }
+}
+
+fn flip_transpose<T: Copy>(w: &[T], [o, c, kh, kw]: [usize; 4]) -> Vec<T> {
+    let k = kh * kw;
+    let mut out = Vec::with_capacity(w.len());
+    for ci in 0..c {
+        for oi in 0..o {
+            let src = &w[(oi * c + ci) * k..][..k];
+            out.extend(src.iter().rev());
+        }
+    }
+    out
 }
 
 fn dispatch<F32, F64>(s: &CpuStorage, f32_: F32, f64_: F64) -> Result<CpuStorage>

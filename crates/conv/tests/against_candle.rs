@@ -351,3 +351,32 @@ fn results_do_not_depend_on_the_thread_count() {
     };
     assert_eq!(with_threads(1), with_threads(2));
 }
+
+/// Stride 1 takes two special paths: im2col's block copy when the output is as wide as the
+/// input, and the input gradient as a convolution with the flipped kernel when the kernel is
+/// square and padding ≤ dilation·(k − 1). Every small geometry, on both sides of each condition.
+#[test]
+fn stride_one_geometries_exhaustively() {
+    for (h, w) in [(1, 1), (2, 5), (5, 5), (6, 3)] {
+        for (kh, kw) in [(1, 1), (2, 2), (3, 3), (3, 2)] {
+            for dilation in 1..3 {
+                for padding in 0..4 {
+                    let span = |k: usize| dilation * (k - 1) + 1;
+                    if h + 2 * padding < span(kh) || w + 2 * padding < span(kw) {
+                        continue;
+                    }
+                    let case = Case {
+                        x: vec![2, 3, h, w],
+                        w: vec![2, 3, kh, kw],
+                        cfg: Conv2dConfig {
+                            stride: 1,
+                            padding,
+                            dilation,
+                        },
+                    };
+                    compare(&case, DType::F64, 1e-10);
+                }
+            }
+        }
+    }
+}
