@@ -7,18 +7,18 @@
 //! per sample and group (C/G consecutive runs); LayerNorm and InstanceNorm are GroupNorm with
 //! G = 1 and G = C.
 //! - Forward, per set: the mean and *biased* variance in one sweep (sums of x − k and (x − k)²
-//!   in f64, k the set's first value), then y = (x − μ)·rstd·w[c] + b[c] in f64 per element,
-//!   over data still in cache. The sets' mean and variance are kept for the backward pass and
-//!   the running statistics.
+//!   in f64, k the set's first value), then y = (x − μ)·rstd·w[c] + b[c] per element in the
+//!   storage type (μ split into a high and a low part), over data still in cache. The sets'
+//!   mean and variance are kept for the backward pass and the running statistics.
 //! - Backward, per set: with x̂ = (x − μ)·rstd and g = dy·w, one pass for the per-run Σdy and
 //!   Σdy·(x − μ) (which give Σg, Σg·x̂ and the weight and bias gradients), one for
 //!   dx = rstd·(g − Σg/M − x̂·Σg·x̂/M).
 //! - Evaluation: y = (x − μ)·rstd·w[c] + b[c] with the running statistics; dx = rstd·w[c]·dy.
 //!
-//! The inner loops (`lanes`) are vectorized (AVX2 where the CPU has it) with reductions in a
-//! fixed lane order. Work is split over sets with rayon, each set reduced by one task, and the
-//! per-sample partial sums of dw and db added in sample order: results are bit-identical for
-//! every thread count and CPU.
+//! The inner loops (`lanes`) are vectorized (an AVX2 build where the CPU has it) with
+//! reductions in a fixed lane order. Work is split over sets with rayon, each set reduced by
+//! one task, and the per-sample partial sums of dw and db added in sample order: results are
+//! bit-identical for every thread count and CPU.
 
 mod lanes;
 mod ops;
