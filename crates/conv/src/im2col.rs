@@ -148,8 +148,9 @@ pub fn im2col<T: WithDType>(x: &[T], g: &Geometry) -> Vec<T> {
                         if g.stride == 1 {
                             copy(dst, &in_row[ix0..ix0 + (hi - lo)]);
                         } else {
-                            for (j, d) in dst.iter_mut().enumerate() {
-                                d.write(in_row[ix0 + j * g.stride]);
+                            let src = in_row[ix0..].iter().step_by(g.stride);
+                            for (d, v) in dst.iter_mut().zip(src) {
+                                d.write(*v);
                             }
                         }
                     }
@@ -187,8 +188,9 @@ pub fn col2im<T: WithDType>(cols: &[T], g: &Geometry) -> Vec<T> {
                                 *d += *v;
                             }
                         } else {
-                            for (j, v) in vals.iter().enumerate() {
-                                in_row[ix0 + j * g.stride] += *v;
+                            let dst = in_row[ix0..].iter_mut().step_by(g.stride);
+                            for (d, v) in dst.zip(vals) {
+                                *d += *v;
                             }
                         }
                     }
