@@ -78,7 +78,7 @@ struct SweepArgs {
     /// Comma-separated seeds [default: 0,1,2].
     #[arg(long, value_delimiter = ',')]
     seeds: Option<Vec<u64>>,
-    /// Training epochs, the same at every batch size [default: 10].
+    /// Training epochs, the same at every batch size [default: 6].
     #[arg(long)]
     epochs: Option<usize>,
     /// Learning rate at batch size 32; batch size B trains with base-lr·B/32.
@@ -149,7 +149,7 @@ fn sweep(args: SweepArgs) -> Result<()> {
         dataset,
         train: train::TrainConfig {
             model: model.to_string(),
-            epochs: args.epochs.unwrap_or(if q { 1 } else { 10 }),
+            epochs: args.epochs.unwrap_or(if q { 1 } else { 6 }),
             base_lr: args.base_lr,
             warmup_epochs: args.warmup_epochs,
             momentum: 0.9,
