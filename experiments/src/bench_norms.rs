@@ -6,6 +6,7 @@ use crate::alloc;
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Module, ModuleT, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
+use normalizers::kernels::{fused_backward, fused_normalize, Sets};
 use rayon::prelude::*;
 use std::time::Instant;
 
@@ -37,6 +38,15 @@ const DEFAULT_SHAPES: [[usize; 4]; 5] = [
     [32, 32, 32, 32],
 ];
 
+/// Seconds of one call of `f`, and the peak bytes it allocated above the level before it.
+fn sample(f: &mut dyn FnMut() -> Result<()>) -> Result<(f64, usize)> {
+    let level = alloc::reset_peak();
+    let t = Instant::now();
+    f()?;
+    let secs = t.elapsed().as_secs_f64();
+    Ok((secs, alloc::peak().saturating_sub(level)))
+}
+
 /// Median seconds per call of `f` and peak bytes allocated above the level before a call, over
 /// at least 3 calls and `min_time` seconds, after one warm-up call.
 pub fn measure(min_time: f64, mut f: impl FnMut() -> Result<()>) -> Result<(f64, usize)> {
@@ -45,11 +55,9 @@ pub fn measure(min_time: f64, mut f: impl FnMut() -> Result<()>) -> Result<(f64,
     let mut peak = 0;
     let start = Instant::now();
     while samples.len() < 3 || start.elapsed().as_secs_f64() < min_time {
-        let base = alloc::reset_peak();
-        let t = Instant::now();
-        f()?;
-        samples.push(t.elapsed().as_secs_f64());
-        peak = peak.max(alloc::peak().saturating_sub(base));
+        let (secs, bytes) = sample(&mut f)?;
+        samples.push(secs);
+        peak = peak.max(bytes);
     }
     samples.sort_by(|a, b| a.total_cmp(b));
     Ok((samples[samples.len() / 2], peak))
@@ -88,14 +96,22 @@ impl Layer {
     }
 }
 
-fn build(kind: &str, norm: &str, c: usize, vb: VarBuilder) -> Result<Layer> {
-    let spec = match norm {
-        "bn" => "bn".to_string(),
-        "gn" => "gn:groups=32".to_string(),
-        "ln" => "ln".to_string(),
-        "in" => "in".to_string(),
+/// GroupNorm's groups in every implementation timed.
+const GN_GROUPS: usize = 32;
+
+/// The spec bench-norms builds for a normalizer name, and the sets its kernel normalizes over.
+fn spec_and_sets(norm: &str, c: usize) -> Result<(String, Sets)> {
+    Ok(match norm {
+        "bn" => ("bn".into(), Sets::Channels),
+        "gn" => (format!("gn:groups={GN_GROUPS}"), Sets::Groups(GN_GROUPS)),
+        "ln" => ("ln".into(), Sets::Groups(1)),
+        "in" => ("in".into(), Sets::Groups(c)),
         other => bail!("unknown normalizer {other:?} for bench-norms; use bn, gn, ln, in"),
-    };
+    })
+}
+
+fn build(kind: &str, norm: &str, c: usize, vb: VarBuilder) -> Result<Layer> {
+    let (spec, _) = spec_and_sets(norm, c)?;
     Ok(match (kind, norm) {
         ("fused", _) => Layer::Normbench(normalizers::from_spec(&spec, c, vb)?),
         ("reference", _) => Layer::Normbench(normalizers::from_spec(
@@ -111,7 +127,7 @@ fn build(kind: &str, norm: &str, c: usize, vb: VarBuilder) -> Result<Layer> {
             candle_nn::BatchNormConfig::default(),
             vb,
         )?),
-        ("candle-nn", "gn") => Layer::CandleGroup(candle_nn::group_norm(32, c, 1e-5, vb)?),
+        ("candle-nn", "gn") => Layer::CandleGroup(candle_nn::group_norm(GN_GROUPS, c, 1e-5, vb)?),
         ("candle-nn", "in") => Layer::CandleGroup(candle_nn::group_norm(c, c, 1e-5, vb)?),
         ("candle-nn", _) => Layer::ComposedLn {
             weight: vb.get_with_hints(c, "weight", candle_nn::Init::Const(1.0))?,
@@ -142,17 +158,10 @@ fn measure_net(
     let (mut diffs, mut peak_base, mut peak_f) = (Vec::new(), 0, 0);
     let start = Instant::now();
     while diffs.len() < 5 || start.elapsed().as_secs_f64() < min_time {
-        let run = |g: &mut dyn FnMut() -> Result<()>, peak: &mut usize| -> Result<f64> {
-            let level = alloc::reset_peak();
-            let t = Instant::now();
-            g()?;
-            let secs = t.elapsed().as_secs_f64();
-            *peak = (*peak).max(alloc::peak().saturating_sub(level));
-            Ok(secs)
-        };
-        let tb = run(&mut base, &mut peak_base)?;
-        let tf = run(&mut f, &mut peak_f)?;
+        let (tb, mb) = sample(&mut base)?;
+        let (tf, mf) = sample(&mut f)?;
         diffs.push(tf - tb);
+        (peak_base, peak_f) = (peak_base.max(mb), peak_f.max(mf));
     }
     diffs.sort_by(|a, b| a.total_cmp(b));
     Ok((diffs[diffs.len() / 2], peak_f, peak_base))
@@ -201,14 +210,8 @@ fn copy_bandwidth(n: usize, min_time: f64) -> Result<f64> {
 /// Median seconds and peak memory of the fused backward kernel on its own (no autograd),
 /// output gradient `dy`.
 fn backward_alone(norm: &str, x: &Var, dy: &Tensor, min_time: f64) -> Result<(f64, usize)> {
-    use normalizers::kernels::{fused_backward, fused_normalize, Sets};
     let c = x.dim(1)?;
-    let sets = match norm {
-        "bn" => Sets::Channels,
-        "gn" => Sets::Groups(32),
-        "ln" => Sets::Groups(1),
-        _ => Sets::Groups(c),
-    };
+    let (_, sets) = spec_and_sets(norm, c)?;
     let x = x.as_tensor().detach();
     let (w, b) = (
         Tensor::ones(c, DType::F32, &Device::Cpu)?,

@@ -419,6 +419,8 @@ fn benchmark_commands_print_their_tables() {
     }
     let e = fails(&["bench-norms", "--shapes", "2,32,4", "--min-time", "0"]);
     assert!(e.contains("is not N,C,H,W"), "{e}");
+    let e = fails(&["bench-norms", "--threads", "0", "--min-time", "0"]);
+    assert!(e.contains("--threads: give thread counts above 0"), "{e}");
 
     let out = experiments(&["bench-conv", "--batch-sizes", "2", "--min-time", "0"]);
     let table = String::from_utf8_lossy(&out.stdout);

@@ -90,15 +90,15 @@ impl CustomOp2 for Conv2dOp {
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let g = geometry(x.dims(), w.dims(), self.cfg)?;
         let (c_out, k, np) = (w.dim(0)?, g.k(), g.n * g.p());
-        let dy_nchw = dy;
-        let dy = dy
+        // dY as (O, N·P), the layout of the matmuls.
+        let dy_rows = dy
             .reshape((g.n, c_out, g.p()))?
             .transpose(0, 1)?
             .contiguous()?
             .reshape((c_out, np))?;
         let dw = if w.track_op() {
             let cols = x.detach().apply_op1_no_bwd(&Reshape::Im2Col(g))?;
-            Some(dy.matmul(&cols.t()?)?.reshape(w.shape())?)
+            Some(dy_rows.matmul(&cols.t()?)?.reshape(w.shape())?)
         } else {
             None
         };
@@ -109,11 +109,10 @@ impl CustomOp2 for Conv2dOp {
                 // flipped in space and transposed in channels, which im2col + matmul do
                 // faster than matmul + col2im.
                 let w_t = w.detach().apply_op1_no_bwd(&Reshape::FlipTranspose)?;
-                let dy = dy_nchw.contiguous()?;
-                Some(dy.apply_op2_no_bwd(&w_t, &Conv2dOp { cfg })?)
+                Some(dy.contiguous()?.apply_op2_no_bwd(&w_t, &Conv2dOp { cfg })?)
             }
             (true, None) => {
-                let dcols = w.detach().reshape((c_out, k))?.t()?.matmul(&dy)?;
+                let dcols = w.detach().reshape((c_out, k))?.t()?.matmul(&dy_rows)?;
                 Some(dcols.apply_op1_no_bwd(&Reshape::Col2Im(g))?)
             }
         };

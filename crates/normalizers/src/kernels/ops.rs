@@ -113,6 +113,12 @@ impl<T> SharedMut<T> {
     }
 }
 
+/// 1/sqrt(σ² + eps): one expression for forward and backward, so both see the same bits.
+#[inline(always)]
+fn rstd(var: f64, eps: f64) -> f64 {
+    1.0 / (var + eps).sqrt()
+}
+
 /// A vector of `len` values, every one of them written by `fill` through disjoint slices.
 fn filled<T>(len: usize, fill: impl FnOnce(SharedMut<MaybeUninit<T>>)) -> Vec<T> {
     let mut v = Vec::with_capacity(len);
@@ -166,7 +172,7 @@ fn forward<T: Float>(x: &[T], w: &[T], b: &[T], g: Geom, eps: f64) -> (Vec<T>, S
     let y = filled(x.len(), |out| {
         stats = g.par_sets(|set| {
             let (mean, var) = set_stats(x, &g, set);
-            normalize_set(x, w, b, &g, set, mean, 1.0 / (var + eps).sqrt(), out);
+            normalize_set(x, w, b, &g, set, mean, rstd(var, eps), out);
             (mean, var)
         })
     });
@@ -179,7 +185,7 @@ fn forward_fixed<T: Float>(x: &[T], w: &[T], b: &[T], g: Geom, stats: &Stats, ep
     filled(x.len(), |out| {
         g.par_sets(|set| {
             let (mean, var) = (stats.mean[set], stats.var[set]);
-            normalize_set(x, w, b, &g, set, mean, 1.0 / (var + eps).sqrt(), out);
+            normalize_set(x, w, b, &g, set, mean, rstd(var, eps), out);
         });
     })
 }
@@ -214,7 +220,7 @@ fn backward<T: Float>(
     let m = g.set_len() as f64;
     let pass = |set: usize, out: Option<SharedMut<MaybeUninit<T>>>| {
         let mean = stats.mean[set];
-        let rstd = 1.0 / (stats.var[set] + eps).sqrt();
+        let rstd = rstd(stats.var[set], eps);
         let (mut sum_g, mut sum_gx) = (0.0, 0.0);
         if !fixed || needs.dw_db {
             for (off, n, ch) in g.runs(set) {
