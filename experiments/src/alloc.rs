@@ -11,19 +11,114 @@ pub struct Counting;
 static IN_USE: AtomicUsize = AtomicUsize::new(0);
 static PEAK: AtomicUsize = AtomicUsize::new(0);
 
+fn counted(p: *mut u8, layout: Layout) -> *mut u8 {
+    if !p.is_null() {
+        let now = IN_USE.fetch_add(layout.size(), Relaxed) + layout.size();
+        PEAK.fetch_max(now, Relaxed);
+    }
+    p
+}
+
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        let p = System.alloc(layout);
+        counted(System.alloc(layout), layout)
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        let p = fresh::zeroed(layout.size(), layout.align());
         if !p.is_null() {
-            let now = IN_USE.fetch_add(layout.size(), Relaxed) + layout.size();
-            PEAK.fetch_max(now, Relaxed);
+            return counted(p, layout);
         }
-        p
+        counted(System.alloc_zeroed(layout), layout)
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        System.dealloc(ptr, layout);
+        if !fresh::release(ptr, layout.size()) {
+            System.dealloc(ptr, layout);
+        }
         IN_USE.fetch_sub(layout.size(), Relaxed);
+    }
+}
+
+/// Large zeroed blocks (candle's `zeros`, which its backprop allocates for every gradient it
+/// accumulates) as fresh anonymous mappings: their pages read as zeros without anyone writing
+/// them, from the kernel's shared zero huge page (the mapping asks for huge pages), so a
+/// gradient accumulated as zeros + dx reads dx from memory and zeros from cache, and nothing
+/// is memset. Blocks are unmapped when freed. Elsewhere than Linux: not used.
+mod fresh {
+    use std::sync::Mutex;
+
+    /// Zeroed blocks from this size up are mapped.
+    pub const MIN_BYTES: usize = 4 << 20;
+    const HUGE_PAGE: usize = 2 << 20;
+
+    /// Start addresses of the blocks mapped here.
+    static MAPPED: Mutex<Vec<usize>> = Mutex::new(Vec::new());
+
+    fn mapped_len(size: usize) -> usize {
+        size.next_multiple_of(HUGE_PAGE)
+    }
+
+    /// A zeroed block of `size` bytes aligned to `align`, or null where this does not apply
+    /// (then the caller asks the system allocator).
+    #[cfg(target_os = "linux")]
+    pub unsafe fn zeroed(size: usize, align: usize) -> *mut u8 {
+        use libc::{c_void, MAP_ANONYMOUS, MAP_FAILED, MAP_PRIVATE, PROT_READ, PROT_WRITE};
+        if size < MIN_BYTES || align > HUGE_PAGE {
+            return std::ptr::null_mut();
+        }
+        let len = mapped_len(size);
+        // One huge page more than needed, to cut out a range aligned to one.
+        let flags = MAP_PRIVATE | MAP_ANONYMOUS;
+        let raw = libc::mmap(
+            std::ptr::null_mut(),
+            len + HUGE_PAGE,
+            PROT_READ | PROT_WRITE,
+            flags,
+            -1,
+            0,
+        );
+        if raw == MAP_FAILED {
+            return std::ptr::null_mut();
+        }
+        let start = (raw as usize).next_multiple_of(HUGE_PAGE);
+        let (head, tail) = (start - raw as usize, HUGE_PAGE - (start - raw as usize));
+        if head > 0 {
+            libc::munmap(raw, head);
+        }
+        if tail > 0 {
+            libc::munmap((start + len) as *mut c_void, tail);
+        }
+        libc::madvise(start as *mut c_void, len, libc::MADV_HUGEPAGE);
+        let Ok(mut mapped) = MAPPED.lock() else {
+            libc::munmap(start as *mut c_void, len);
+            return std::ptr::null_mut();
+        };
+        mapped.push(start);
+        start as *mut u8
+    }
+
+    #[cfg(not(target_os = "linux"))]
+    pub unsafe fn zeroed(_: usize, _: usize) -> *mut u8 {
+        std::ptr::null_mut()
+    }
+
+    /// Unmaps `ptr` if it is a block from [`zeroed`]; false if it is not.
+    pub unsafe fn release(ptr: *mut u8, size: usize) -> bool {
+        if size < MIN_BYTES {
+            return false;
+        }
+        let Ok(mut mapped) = MAPPED.lock() else {
+            return false;
+        };
+        let Some(i) = mapped.iter().position(|&a| a == ptr as usize) else {
+            return false;
+        };
+        mapped.swap_remove(i);
+        drop(mapped);
+        #[cfg(target_os = "linux")]
+        libc::munmap(ptr.cast(), mapped_len(size));
+        true
     }
 }
 

@@ -128,3 +128,47 @@ fn the_backward_kernel_alone_gives_the_autograd_gradients() {
         }
     }
 }
+
+/// The fused backward writes dx over the output gradient candle hands it. Stack two layers
+/// and use both outputs several ways (transposed, twice, multiplied together), in training
+/// and evaluation: every gradient must still match the reference, which allocates.
+#[test]
+fn writing_dx_over_the_output_gradient_leaves_every_gradient_intact() {
+    let shape = [3, 4, 5, 6];
+    for spec in ["bn", "gn:groups=2", "ln", "in:track_running_stats=true"] {
+        for train in [true, false] {
+            let run = |spec: &str| {
+                let (first, vm1) = common::build(spec, 4, DType::F64);
+                let (second, vm2) = common::build(spec, 4, DType::F64);
+                randomize_affine(&vm1, 4, 5);
+                randomize_affine(&vm2, 4, 6);
+                let x = Var::from_tensor(&seeded(&shape, 7, 1.0, 2.0)).unwrap();
+                let r1 = seeded(&[3, 4, 6, 5], 8, 0.0, 1.0);
+                let r2 = seeded(&shape, 9, 0.0, 1.0);
+                let y1 = first.forward_t(x.as_tensor(), train).unwrap();
+                let y2 = second.forward_t(&y1, train).unwrap();
+                let loss = (weighted_sum(&y1.transpose(2, 3).unwrap(), &r1).unwrap()
+                    + weighted_sum(&y2, &r2).unwrap()
+                    + (&y1 * &y2).unwrap().sum_all().unwrap()
+                    + y1.sum_all().unwrap())
+                .unwrap();
+                let grads = loss.backward().unwrap();
+                let mut out = vec![to_f64(grads.get(x.as_tensor()).unwrap())];
+                for vm in [&vm1, &vm2] {
+                    for name in ["weight", "bias"] {
+                        let v = var(vm, name).unwrap();
+                        out.push(to_f64(grads.get(v.as_tensor()).unwrap()));
+                    }
+                }
+                // The loss's own inputs are untouched.
+                out.push(to_f64(&r1));
+                out.push(to_f64(&r2));
+                out
+            };
+            let (fused, reference) = (run(spec), run(&reference_of(spec)));
+            for (i, (a, b)) in fused.iter().zip(&reference).enumerate() {
+                assert_close(&format!("{spec} train={train} #{i}"), a, b, 1e-10);
+            }
+        }
+    }
+}

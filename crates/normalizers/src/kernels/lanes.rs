@@ -169,6 +169,18 @@ pub fn affine_into<T: Float>(x: &[T], dst: &mut [MaybeUninit<T>], mean: f64, a: 
 }
 }
 
+/// The input gradient of one value: p·dy − q·(x − mean) + r, with mean = hi + lo.
+#[inline(always)]
+fn grad_of<T: Float>(xv: T, dv: T, (hi, lo): (T, T), (p, q, r): (T, T, T)) -> T {
+    p * dv - q * ((xv - hi) - lo) + r
+}
+
+/// The constants of `grad_of` in `T`.
+#[inline(always)]
+fn grad_consts<T: Float>(mean: f64, p: f64, q: f64, r: f64) -> ((T, T), (T, T, T)) {
+    (T::split(mean), (T::narrow(p), T::narrow(q), T::narrow(r)))
+}
+
 dispatched! {
 grad_into_plain;
 /// dst = p·dy − q·(x − mean) + r, in `T`.
@@ -181,10 +193,20 @@ pub fn grad_into<T: Float>(
     q: f64,
     r: f64,
 ) {
-    let (hi, lo) = T::split(mean);
-    let (p, q, r) = (T::narrow(p), T::narrow(q), T::narrow(r));
+    let (m, k) = grad_consts::<T>(mean, p, q, r);
     for ((d, &xv), &dv) in dst.iter_mut().zip(x).zip(dy) {
-        d.write(p * dv - q * ((xv - hi) - lo) + r);
+        d.write(grad_of(xv, dv, m, k));
+    }
+}
+}
+
+dispatched! {
+grad_in_place_plain;
+/// dy = p·dy − q·(x − mean) + r, in `T`: `grad_into` writing over its own input.
+pub fn grad_in_place<T: Float>(x: &[T], dy: &mut [T], mean: f64, p: f64, q: f64, r: f64) {
+    let (m, k) = grad_consts::<T>(mean, p, q, r);
+    for (d, &xv) in dy.iter_mut().zip(x) {
+        *d = grad_of(xv, *d, m, k);
     }
 }
 }
@@ -196,6 +218,17 @@ pub fn scale_into<T: Float>(dy: &[T], dst: &mut [MaybeUninit<T>], p: f64) {
     let p = T::narrow(p);
     for (d, &dv) in dst.iter_mut().zip(dy) {
         d.write(p * dv);
+    }
+}
+}
+
+dispatched! {
+scale_in_place_plain;
+/// dy = p·dy, in `T`.
+pub fn scale_in_place<T: Float>(dy: &mut [T], p: f64) {
+    let p = T::narrow(p);
+    for d in dy.iter_mut() {
+        *d = p * *d;
     }
 }
 }
@@ -283,6 +316,17 @@ mod tests {
         scale_into(&dy, &mut dst, 3.0);
         for (d, g) in dst.iter().zip(&dy) {
             assert_eq!(unsafe { d.assume_init() }, 3.0 * g);
+        }
+        // Writing over dy gives the same values as writing elsewhere.
+        let mut over = dy.clone();
+        grad_in_place(&x, &mut over, 1.5, 2.0, 0.25, 0.5);
+        for ((o, v), g) in over.iter().zip(&x).zip(&dy) {
+            assert_eq!(*o, 2.0 * g - 0.25 * (v - 1.5) + 0.5);
+        }
+        let mut over = dy.clone();
+        scale_in_place(&mut over, 3.0);
+        for (o, g) in over.iter().zip(&dy) {
+            assert_eq!(*o, 3.0 * g);
         }
         // The AVX2 build computes the same as the plain one.
         #[cfg(target_arch = "x86_64")]

@@ -1,9 +1,11 @@
 use super::lanes::{self, Acc, Float, LANES};
 use candle_core::backend::BackendStorage;
-use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, WithDType};
+use candle_core::{
+    bail, CpuStorage, CustomOp3, InplaceOp3, Layout, Result, Shape, Tensor, WithDType,
+};
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 /// Values below which splitting work over threads costs more than it saves.
 const MIN_TASK_VALUES: usize = 1 << 15;
@@ -111,6 +113,13 @@ impl<T> SharedMut<T> {
     unsafe fn slice(&self, offset: usize, len: usize) -> &mut [T] {
         std::slice::from_raw_parts_mut(self.0.add(offset), len)
     }
+
+    /// # Safety
+    /// No task may write `offset..offset + len` while the slice lives, and it must be in bounds.
+    #[inline(always)]
+    unsafe fn slice_ref(&self, offset: usize, len: usize) -> &[T] {
+        std::slice::from_raw_parts(self.0.add(offset), len)
+    }
 }
 
 /// 1/sqrt(σ² + eps): one expression for forward and backward, so both see the same bits.
@@ -197,13 +206,20 @@ struct Needs {
     dw_db: bool,
 }
 
+/// The output gradient the backward pass reads, and whether it may write dx over it.
+enum Dy<'a, T> {
+    Read(&'a [T]),
+    Overwrite(&'a mut [T]),
+}
+
 /// Gradients (dx, dw, db) given the statistics; with `fixed` statistics (evaluation) no
-/// gradient flows through them.
+/// gradient flows through them. With `Dy::Overwrite` and `needs.dx`, dx is written over dy
+/// (each set's values once its sums are taken) and the returned dx is `None`.
 #[allow(clippy::too_many_arguments)]
 fn backward<T: Float>(
     x: &[T],
     w: &[T],
-    dy: &[T],
+    dy: Dy<'_, T>,
     g: Geom,
     stats: &Stats,
     eps: f64,
@@ -217,15 +233,23 @@ fn backward<T: Float>(
         SharedMut(part_w.as_mut_ptr()),
         SharedMut(part_b.as_mut_ptr()),
     );
+    // Only written through when `over_dy` (then it came from a `&mut`).
+    let (dyp, over_dy) = match dy {
+        Dy::Read(d) => (SharedMut(d.as_ptr().cast_mut()), false),
+        Dy::Overwrite(d) => (SharedMut(d.as_mut_ptr()), needs.dx),
+    };
     let m = g.set_len() as f64;
     let pass = |set: usize, out: Option<SharedMut<MaybeUninit<T>>>| {
         let mean = stats.mean[set];
         let rstd = rstd(stats.var[set], eps);
+        // SAFETY (for every slice of x, dy, dx below): runs of different sets never overlap,
+        // each set is one task, and within it no slice of dy outlives the write over it.
         let (mut sum_g, mut sum_gx) = (0.0, 0.0);
         if !fixed || needs.dw_db {
             for (off, n, ch) in g.runs(set) {
-                let (sd, sdx) = lanes::grad_sums(&x[off..off + g.s], &dy[off..off + g.s], mean);
-                // SAFETY: every (sample, channel) pair belongs to exactly one set.
+                let dys = unsafe { dyp.slice_ref(off, g.s) };
+                let (sd, sdx) = lanes::grad_sums(&x[off..off + g.s], dys, mean);
+                // Every (sample, channel) pair belongs to exactly one set.
                 unsafe {
                     pw.slice(n * g.c + ch, 1)[0] = rstd * sdx;
                     pb.slice(n * g.c + ch, 1)[0] = sd;
@@ -235,22 +259,35 @@ fn backward<T: Float>(
                 sum_gx += wc * rstd * sdx;
             }
         }
-        let Some(out) = out else { return };
+        if !over_dy && out.is_none() {
+            return;
+        }
         // dx = rstd·(dy·w − mean(g) − x̂·mean(g·x̂)) = p·dy − q·(x − μ) + r
         let (q, r) = (rstd * rstd * sum_gx / m, -rstd * sum_g / m);
         for (off, _, ch) in g.runs(set) {
-            // SAFETY: runs of different sets never overlap.
-            let dst = unsafe { out.slice(off, g.s) };
             let p = rstd * w[ch].widen();
-            let (xs, dys) = (&x[off..off + g.s], &dy[off..off + g.s]);
-            if fixed {
-                lanes::scale_into(dys, dst, p);
-            } else {
-                lanes::grad_into(xs, dys, dst, mean, p, q, r);
+            let xs = &x[off..off + g.s];
+            match out {
+                None => {
+                    let dys = unsafe { dyp.slice(off, g.s) };
+                    if fixed {
+                        lanes::scale_in_place(dys, p);
+                    } else {
+                        lanes::grad_in_place(xs, dys, mean, p, q, r);
+                    }
+                }
+                Some(out) => {
+                    let (dys, dst) = unsafe { (dyp.slice_ref(off, g.s), out.slice(off, g.s)) };
+                    if fixed {
+                        lanes::scale_into(dys, dst, p);
+                    } else {
+                        lanes::grad_into(xs, dys, dst, mean, p, q, r);
+                    }
+                }
             }
         }
     };
-    let dx = if needs.dx {
+    let dx = if needs.dx && !over_dy {
         Some(filled(x.len(), |out| {
             g.par_sets(|set| pass(set, Some(out)));
         }))
@@ -333,6 +370,10 @@ impl CustomOp3 for NormOp {
         Ok((y, l1.shape().clone()))
     }
 
+    /// Writes dx over `dy` where it can: candle's backprop hands each op the output gradient it
+    /// summed for that node alone (a fresh tensor removed from its store) and drops it after
+    /// this call, so no one else sees it. That saves the input gradient's allocation and the
+    /// cache misses of writing to memory not yet read.
     fn bwd(
         &self,
         x: &Tensor,
@@ -348,65 +389,157 @@ impl CustomOp3 for NormOp {
             dx: x.track_op(),
             dw_db: w.track_op() || b.track_op(),
         };
-        let (dx, dw, db) = grads(x, w, dy, self.sets, stats, self.eps, self.fixed, needs)?;
+        let ctx = GradCtx {
+            g: Geom::new(x.dims(), self.sets)?,
+            stats,
+            eps: self.eps,
+            fixed: self.fixed,
+            needs,
+        };
+        let (dx, dw, db) = ctx.grads(x, w, dy, true)?;
         Ok((dx, w.track_op().then_some(dw), b.track_op().then_some(db)))
     }
 }
 
-/// Gradients (dx if `needs.dx`, dw, db) of the op on `x` (contiguous) given `stats`.
-#[allow(clippy::too_many_arguments)]
-fn grads(
-    x: &Tensor,
-    w: &Tensor,
-    dy: &Tensor,
-    sets: Sets,
-    stats: &Stats,
+/// What the backward pass of one op call needs besides the tensors.
+struct GradCtx<'a> {
+    g: Geom,
+    stats: &'a Stats,
     eps: f64,
     fixed: bool,
     needs: Needs,
-) -> Result<(Option<Tensor>, Tensor, Tensor)> {
-    let g = Geom::new(x.dims(), sets)?;
-    let dy = dy.contiguous()?;
-    let (xs, xl) = x.storage_and_layout();
-    let (ws, wl) = w.storage_and_layout();
-    let (ds, dl) = dy.storage_and_layout();
-    let (
-        candle_core::Storage::Cpu(xs),
-        candle_core::Storage::Cpu(ws),
-        candle_core::Storage::Cpu(ds),
-    ) = (&*xs, &*ws, &*ds)
-    else {
-        bail!("fused normalization runs on the CPU only");
+}
+
+/// Whether `t` is contiguous and covers its whole buffer from the start.
+fn whole_buffer(t: &Tensor) -> bool {
+    let (s, l) = t.storage_and_layout();
+    let len = match &*s {
+        candle_core::Storage::Cpu(CpuStorage::F32(v)) => v.len(),
+        candle_core::Storage::Cpu(CpuStorage::F64(v)) => v.len(),
+        _ => return false,
     };
-    macro_rules! grads {
-        ($t:ty) => {{
-            let (dx, dw, db) = backward::<$t>(
-                contiguous(xs, xl, "input")?,
-                contiguous(ws, wl, "weight")?,
-                contiguous(ds, dl, "output gradient")?,
-                g,
-                stats,
-                eps,
-                fixed,
-                needs,
-            );
-            let dev = x.device();
-            (
-                dx.map(|dx| Tensor::from_vec(dx, x.shape(), dev))
-                    .transpose()?,
-                Tensor::from_vec(dw, g.c, dev)?,
-                Tensor::from_vec(db, g.c, dev)?,
-            )
-        }};
+    l.contiguous_offsets() == Some((0, len))
+}
+
+impl GradCtx<'_> {
+    /// Gradients (dx if `needs.dx`, dw, db) of the op on `x` (contiguous); with `overwrite`,
+    /// dx is written over `dy` (or over its contiguous copy) and returned as `dy` itself.
+    fn grads(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        dy: &Tensor,
+        overwrite: bool,
+    ) -> Result<(Option<Tensor>, Tensor, Tensor)> {
+        let dy = dy.contiguous()?;
+        if overwrite && self.needs.dx && dy.dtype() == x.dtype() && whole_buffer(&dy) {
+            let op = OverDy {
+                ctx: self,
+                dw_db: Mutex::new(None),
+            };
+            dy.inplace_op3(x, w, &op)?;
+            let Some((dw, db)) = op.dw_db.into_inner().ok().flatten() else {
+                bail!("fused normalization: the backward pass left no weight gradient");
+            };
+            return Ok((Some(dy), dw, db));
+        }
+        let (xs, xl) = x.storage_and_layout();
+        let (ws, wl) = w.storage_and_layout();
+        let (ds, dl) = dy.storage_and_layout();
+        let (
+            candle_core::Storage::Cpu(xs),
+            candle_core::Storage::Cpu(ws),
+            candle_core::Storage::Cpu(ds),
+        ) = (&*xs, &*ws, &*ds)
+        else {
+            bail!("fused normalization runs on the CPU only");
+        };
+        macro_rules! grads {
+            ($t:ty) => {{
+                let dy = Dy::Read(contiguous::<$t>(ds, dl, "output gradient")?);
+                let (dx, dw, db) = self.run::<$t>(xs, xl, ws, wl, dy)?;
+                let dx = dx.map(|dx| Tensor::from_vec(dx, x.shape(), x.device()));
+                (dx.transpose()?, dw, db)
+            }};
+        }
+        Ok(match xs {
+            CpuStorage::F32(_) => grads!(f32),
+            CpuStorage::F64(_) => grads!(f64),
+            other => bail!(
+                "fused normalization takes f32 or f64, got {:?}",
+                other.dtype()
+            ),
+        })
     }
-    Ok(match xs {
-        CpuStorage::F32(_) => grads!(f32),
-        CpuStorage::F64(_) => grads!(f64),
-        other => bail!(
-            "fused normalization takes f32 or f64, got {:?}",
-            other.dtype()
-        ),
-    })
+
+    /// The typed backward pass: (dx unless written over dy, dw, db).
+    fn run<T: Float>(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        dy: Dy<'_, T>,
+    ) -> Result<(Option<Vec<T>>, Tensor, Tensor)> {
+        let (dx, dw, db) = backward::<T>(
+            contiguous(xs, xl, "input")?,
+            contiguous(ws, wl, "weight")?,
+            dy,
+            self.g,
+            self.stats,
+            self.eps,
+            self.fixed,
+            self.needs,
+        );
+        let cpu = &candle_core::Device::Cpu;
+        Ok((
+            dx,
+            Tensor::from_vec(dw, self.g.c, cpu)?,
+            Tensor::from_vec(db, self.g.c, cpu)?,
+        ))
+    }
+}
+
+/// The backward pass as an in-place op on dy (with x and the weight as sources), keeping the
+/// weight and bias gradients it computes on the side.
+struct OverDy<'a> {
+    ctx: &'a GradCtx<'a>,
+    dw_db: Mutex<Option<(Tensor, Tensor)>>,
+}
+
+impl InplaceOp3 for OverDy<'_> {
+    fn name(&self) -> &'static str {
+        "normbench-fused-norm-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        dy: &mut CpuStorage,
+        _: &Layout,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+    ) -> Result<()> {
+        let (dw, db) = match dy {
+            CpuStorage::F32(d) => {
+                let (_, dw, db) = self.ctx.run::<f32>(xs, xl, ws, wl, Dy::Overwrite(d))?;
+                (dw, db)
+            }
+            CpuStorage::F64(d) => {
+                let (_, dw, db) = self.ctx.run::<f64>(xs, xl, ws, wl, Dy::Overwrite(d))?;
+                (dw, db)
+            }
+            other => bail!(
+                "fused normalization takes f32 or f64, got {:?}",
+                other.dtype()
+            ),
+        };
+        if let Ok(mut slot) = self.dw_db.lock() {
+            *slot = Some((dw, db));
+        }
+        Ok(())
+    }
 }
 
 fn apply(x: &Tensor, weight: &Tensor, bias: &Tensor, op: NormOp) -> Result<Tensor> {
@@ -476,22 +609,80 @@ pub fn fused_backward(
     stats: &Stats,
     eps: f64,
 ) -> Result<(Tensor, Tensor, Tensor)> {
-    let needs = Needs {
-        dx: true,
-        dw_db: true,
-    };
-    let (dx, dw, db) = grads(
-        &x.contiguous()?,
-        &weight.contiguous()?,
-        dy,
-        sets,
+    let ctx = GradCtx {
+        g: Geom::new(x.dims(), sets)?,
         stats,
         eps,
-        false,
-        needs,
-    )?;
+        fixed: false,
+        needs: Needs {
+            dx: true,
+            dw_db: true,
+        },
+    };
+    let (dx, dw, db) = ctx.grads(&x.contiguous()?, &weight.contiguous()?, dy, false)?;
     let Some(dx) = dx else {
         bail!("fused normalization: no input gradient");
     };
     Ok((dx, dw, db))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device};
+
+    fn grads_of(dy: &Tensor, x: &Tensor, w: &Tensor, stats: &Stats, overwrite: bool) -> Tensor {
+        let ctx = GradCtx {
+            g: Geom::new(x.dims(), Sets::Groups(2)).unwrap(),
+            stats,
+            eps: 1e-5,
+            fixed: false,
+            needs: Needs {
+                dx: true,
+                dw_db: true,
+            },
+        };
+        let (dx, _, _) = ctx.grads(x, w, dy, overwrite).unwrap();
+        dx.unwrap()
+    }
+
+    #[test]
+    fn dx_goes_over_a_whole_contiguous_dy_and_nowhere_else() {
+        let cpu = &Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (2, 4, 3, 5), cpu).unwrap();
+        let (w, b) = (
+            Tensor::ones(4, DType::F32, cpu).unwrap(),
+            Tensor::zeros(4, DType::F32, cpu).unwrap(),
+        );
+        let (_, stats) = fused_normalize(&x, &w, &b, Sets::Groups(2), 1e-5).unwrap();
+        let dy = Tensor::randn(0f32, 1.0, (2, 4, 3, 5), cpu).unwrap();
+        let before = dy.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        // Allocating: dy is left alone.
+        let dx = grads_of(&dy, &x, &w, &stats, false);
+        let want = dx.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(dy.flatten_all().unwrap().to_vec1::<f32>().unwrap(), before);
+        assert_ne!(want, before);
+        // A strided dy is copied first; the copy takes dx.
+        let dy_t = dy.transpose(2, 3).unwrap().contiguous().unwrap();
+        let strided = dy_t.transpose(2, 3).unwrap();
+        let dx_s = grads_of(&strided, &x, &w, &stats, true);
+        assert_eq!(dx_s.flatten_all().unwrap().to_vec1::<f32>().unwrap(), want);
+        assert_eq!(
+            strided.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            before
+        );
+        // Part of a larger buffer: not overwritten.
+        let wide = Tensor::cat(&[&dy, &dy], 0).unwrap();
+        let part = wide.narrow(0, 2, 2).unwrap();
+        let dx_p = grads_of(&part, &x, &w, &stats, true);
+        assert_eq!(dx_p.flatten_all().unwrap().to_vec1::<f32>().unwrap(), want);
+        assert_eq!(
+            part.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            before
+        );
+        // A whole contiguous dy becomes dx, with the same values.
+        let dx_o = grads_of(&dy, &x, &w, &stats, true);
+        assert_eq!(dy.flatten_all().unwrap().to_vec1::<f32>().unwrap(), want);
+        assert_eq!(dx_o.flatten_all().unwrap().to_vec1::<f32>().unwrap(), want);
+    }
 }
