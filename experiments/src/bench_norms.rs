@@ -3,11 +3,13 @@
 //! the same size, and peak extra memory.
 
 use crate::alloc;
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Module, ModuleT, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use normalizers::kernels::{fused_backward, fused_normalize, Sets};
 use rayon::prelude::*;
+use std::path::PathBuf;
+use std::process::Command;
 use std::time::Instant;
 
 #[derive(clap::Args, Debug)]
@@ -28,6 +30,10 @@ pub struct BenchArgs {
     /// Leave out the reference twin (slow on the large shapes).
     #[arg(long)]
     no_reference: bool,
+    /// Where a run for one thread count, started by a run for several, leaves its fused
+    /// kernels' times (JSON).
+    #[arg(long, hide = true)]
+    times_out: Option<PathBuf>,
 }
 
 const DEFAULT_SHAPES: [[usize; 4]; 5] = [
@@ -251,14 +257,38 @@ pub fn run(args: BenchArgs) -> Result<()> {
     if args.threads.is_empty() || args.threads.contains(&0) {
         bail!("--threads: give thread counts above 0, e.g. --threads 1,2");
     }
+    if let [threads] = args.threads[..] {
+        let times = with_threads(threads, || tables(&args, &shapes, threads))?;
+        if let Some(path) = &args.times_out {
+            std::fs::write(path, serde_json::to_string(&times)?)
+                .with_context(|| format!("cannot write {}", path.display()))?;
+        }
+        return Ok(());
+    }
+    // candle sizes the thread pool of its elementwise ops once per process, so each thread
+    // count runs in a process of its own.
+    let dir = tempfile::tempdir()?;
     let mut fused: Vec<(usize, FusedTimes)> = Vec::new();
     for &threads in &args.threads {
-        std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .build()?;
-        let times = pool.install(|| tables(&args, &shapes, threads))?;
-        fused.push((threads, times));
+        let out = dir.path().join(format!("times-{threads}.json"));
+        let mut child = Command::new(std::env::current_exe()?);
+        child
+            .args(["bench-norms", "--threads", &threads.to_string()])
+            .args(["--shapes", &shapes_arg(&shapes)])
+            .args(["--norms", &args.norms.join(",")])
+            .args(["--min-time", &args.min_time.to_string()])
+            .arg("--times-out")
+            .arg(&out);
+        if args.no_reference {
+            child.arg("--no-reference");
+        }
+        let status = child.status().context("cannot start a benchmark process")?;
+        if !status.success() {
+            bail!("the benchmark with {threads} thread(s) failed ({status})");
+        }
+        let times = std::fs::read_to_string(&out)
+            .with_context(|| format!("the {threads}-thread run left no times"))?;
+        fused.push((threads, serde_json::from_str(&times)?));
     }
     if let [(base_threads, base), rest @ ..] = &fused[..] {
         if rest.is_empty() {
@@ -287,6 +317,26 @@ pub fn run(args: BenchArgs) -> Result<()> {
         println!();
     }
     Ok(())
+}
+
+/// Runs `f` with `threads` threads for the fused kernels (a rayon pool) and for candle's own
+/// ops (which read `RAYON_NUM_THREADS` when they first run).
+fn with_threads<R: Send>(threads: usize, f: impl FnOnce() -> Result<R> + Send) -> Result<R> {
+    std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+    std::env::set_var("CANDLE_NUM_THREADS", threads.to_string());
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()?;
+    pool.install(f)
+}
+
+/// `shapes` as `--shapes` takes them.
+fn shapes_arg(shapes: &[[usize; 4]]) -> String {
+    let each: Vec<String> = shapes
+        .iter()
+        .map(|s| s.map(|d| d.to_string()).join(","))
+        .collect();
+    each.join(";")
 }
 
 /// Prints the tables for one thread count (run inside a pool of that size); returns the fused
