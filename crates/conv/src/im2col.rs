@@ -63,8 +63,36 @@ impl Geometry {
     }
 }
 
+/// Marks an output position whose input at some kernel tap is padding.
+const PADDING: usize = usize::MAX;
+
+impl Geometry {
+    /// For strided convolutions: per kernel tap (ky·kW + kx), the index in an input plane that
+    /// each output position (oy·OW + ox) reads, or [`PADDING`]. The same for every sample and
+    /// channel, so the strided loops below are one gather (or scatter) per tap and plane
+    /// instead of one short row at a time.
+    fn tap_tables(&self) -> Vec<usize> {
+        let p = self.p();
+        let mut table = vec![PADDING; self.kh * self.kw * p];
+        for ky in 0..self.kh {
+            let (ylo, yhi, iy0) = self.valid_range(ky, self.h, self.oh);
+            for kx in 0..self.kw {
+                let (lo, hi, ix0) = self.valid_range(kx, self.w, self.ow);
+                let tap = &mut table[(ky * self.kw + kx) * p..][..p];
+                for oy in ylo..yhi {
+                    let iy = iy0 + (oy - ylo) * self.stride;
+                    for ox in lo..hi {
+                        tap[oy * self.ow + ox] = iy * self.w + ix0 + (ox - lo) * self.stride;
+                    }
+                }
+            }
+        }
+        table
+    }
+}
+
 /// A vector of `len` values, every one of them written by `fill` (which must write them all).
-fn filled<T: WithDType>(len: usize, fill: impl FnOnce(&mut [MaybeUninit<T>])) -> Vec<T> {
+pub(crate) fn filled<T: WithDType>(len: usize, fill: impl FnOnce(&mut [MaybeUninit<T>])) -> Vec<T> {
     let mut v: Vec<T> = Vec::with_capacity(len);
     fill(&mut v.spare_capacity_mut()[..len]);
     // SAFETY: `fill` wrote all `len` values.
@@ -77,6 +105,20 @@ fn zero<T: WithDType>(dst: &mut [MaybeUninit<T>]) {
     for d in dst {
         d.write(T::zero());
     }
+}
+
+/// `src` (A, B, P), contiguous, as (B, A, P): the matmuls' (O, N·P) layout to the image's
+/// (N, O, P) and back, one contiguous copy of P values per (b, a), in parallel.
+pub fn swap_outer<T: WithDType>(src: &[T], a: usize, b: usize, p: usize) -> Vec<T> {
+    filled(a * b * p, |dst| {
+        dst.par_chunks_mut(p.max(1))
+            .with_min_len(min_len(p))
+            .enumerate()
+            .for_each(|(ba, d)| {
+                let (bi, ai) = (ba / a, ba % a);
+                copy(d, &src[(ai * b + bi) * p..][..p]);
+            });
+    })
 }
 
 #[inline]
@@ -93,11 +135,17 @@ fn copy<T: WithDType>(dst: &mut [MaybeUninit<T>], src: &[T]) {
 /// With stride 1 and an output as wide as the input (the usual "same" padding), output and
 /// input positions of one kernel tap differ by a constant offset: each (tap, sample) block is
 /// then one contiguous copy, after which the few positions that wrapped around a row edge are
-/// set to zero. Other geometries copy row by row.
+/// set to zero. Strided geometries gather each (tap, sample) block through the tap's table;
+/// others copy row by row.
 pub fn im2col<T: WithDType>(x: &[T], g: &Geometry) -> Vec<T> {
     let (p, np) = (g.p(), g.n * g.p());
     let plane_len = g.h * g.w;
     let shifted = g.stride == 1 && g.ow == g.w;
+    let tables = if g.stride > 1 {
+        g.tap_tables()
+    } else {
+        Vec::new()
+    };
     filled(g.k() * np, |cols| {
         cols.par_chunks_mut(np)
             .with_min_len(min_len(np))
@@ -110,6 +158,13 @@ pub fn im2col<T: WithDType>(x: &[T], g: &Geometry) -> Vec<T> {
                 for n in 0..g.n {
                     let plane = &x[(n * g.c_in + ci) * plane_len..][..plane_len];
                     let out = &mut row[n * p..][..p];
+                    if !tables.is_empty() {
+                        let tap = &tables[kk * p..][..p];
+                        for (d, &i) in out.iter_mut().zip(tap) {
+                            d.write(plane.get(i).copied().unwrap_or_else(T::zero));
+                        }
+                        continue;
+                    }
                     zero(&mut out[..ylo * g.ow]);
                     zero(&mut out[yhi * g.ow..]);
                     if lo == hi {
@@ -164,12 +219,30 @@ pub fn im2col<T: WithDType>(x: &[T], g: &Geometry) -> Vec<T> {
 /// a fixed order (ky, kx, then rows).
 pub fn col2im<T: WithDType>(cols: &[T], g: &Geometry) -> Vec<T> {
     let (p, np) = (g.p(), g.n * g.p());
+    let tables = if g.stride > 1 {
+        g.tap_tables()
+    } else {
+        Vec::new()
+    };
     let mut x = vec![T::zero(); g.n * g.c_in * g.h * g.w];
     x.par_chunks_mut(g.h * g.w)
         .with_min_len(min_len(g.h * g.w * g.kh * g.kw))
         .enumerate()
         .for_each(|(plane_idx, plane)| {
             let (n, ci) = (plane_idx / g.c_in, plane_idx % g.c_in);
+            if !tables.is_empty() {
+                // The same additions in the same order as the rows below: taps in order, each
+                // adding at most one value to any input position.
+                for (kk, tap) in tables.chunks_exact(p).enumerate() {
+                    let src = &cols[(ci * g.kh * g.kw + kk) * np + n * p..][..p];
+                    for (&i, &v) in tap.iter().zip(src) {
+                        if let Some(d) = plane.get_mut(i) {
+                            *d += v;
+                        }
+                    }
+                }
+                return;
+            }
             for ky in 0..g.kh {
                 let (ylo, yhi, iy0) = g.valid_range(ky, g.h, g.oh);
                 for kx in 0..g.kw {
@@ -198,4 +271,122 @@ pub fn col2im<T: WithDType>(cols: &[T], g: &Geometry) -> Vec<T> {
             }
         });
     x
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// im2col by its definition, one value at a time.
+    fn naive_im2col(x: &[f32], g: &Geometry) -> Vec<f32> {
+        let (p, np) = (g.p(), g.n * g.p());
+        let mut cols = vec![0f32; g.k() * np];
+        for ci in 0..g.c_in {
+            for ky in 0..g.kh {
+                for kx in 0..g.kw {
+                    let k = (ci * g.kh + ky) * g.kw + kx;
+                    for n in 0..g.n {
+                        for oy in 0..g.oh {
+                            for ox in 0..g.ow {
+                                let iy =
+                                    (oy * g.stride + ky * g.dilation) as isize - g.padding as isize;
+                                let ix =
+                                    (ox * g.stride + kx * g.dilation) as isize - g.padding as isize;
+                                if (0..g.h as isize).contains(&iy)
+                                    && (0..g.w as isize).contains(&ix)
+                                {
+                                    cols[k * np + n * p + oy * g.ow + ox] =
+                                        x[((n * g.c_in + ci) * g.h + iy as usize) * g.w
+                                            + ix as usize];
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        cols
+    }
+
+    /// col2im by its definition, adding taps in (ky, kx) order.
+    fn naive_col2im(cols: &[f32], g: &Geometry) -> Vec<f32> {
+        let (p, np) = (g.p(), g.n * g.p());
+        let mut x = vec![0f32; g.n * g.c_in * g.h * g.w];
+        for n in 0..g.n {
+            for ci in 0..g.c_in {
+                for ky in 0..g.kh {
+                    for kx in 0..g.kw {
+                        let k = (ci * g.kh + ky) * g.kw + kx;
+                        for oy in 0..g.oh {
+                            for ox in 0..g.ow {
+                                let iy =
+                                    (oy * g.stride + ky * g.dilation) as isize - g.padding as isize;
+                                let ix =
+                                    (ox * g.stride + kx * g.dilation) as isize - g.padding as isize;
+                                if (0..g.h as isize).contains(&iy)
+                                    && (0..g.w as isize).contains(&ix)
+                                {
+                                    x[((n * g.c_in + ci) * g.h + iy as usize) * g.w
+                                        + ix as usize] += cols[k * np + n * p + oy * g.ow + ox];
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        x
+    }
+
+    #[test]
+    fn strided_gathers_equal_the_definition_bit_for_bit() {
+        let mut checked = 0;
+        for stride in 2..4 {
+            for (h, w) in [(5, 5), (8, 8), (7, 4), (1, 6)] {
+                for k in 1..4 {
+                    for padding in 0..k + 1 {
+                        for dilation in 1..3 {
+                            let span = dilation * (k - 1) + 1;
+                            if h + 2 * padding < span || w + 2 * padding < span {
+                                continue;
+                            }
+                            let g = Geometry {
+                                n: 2,
+                                c_in: 3,
+                                h,
+                                w,
+                                kh: k,
+                                kw: k,
+                                stride,
+                                padding,
+                                dilation,
+                                oh: (h + 2 * padding - span) / stride + 1,
+                                ow: (w + 2 * padding - span) / stride + 1,
+                            };
+                            let x: Vec<f32> = (0..g.n * g.c_in * h * w)
+                                .map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.137)
+                                .collect();
+                            let cols = im2col(&x, &g);
+                            let want = naive_im2col(&x, &g);
+                            assert_eq!(cols, want, "{g:?}");
+                            let dcols: Vec<f32> = cols
+                                .iter()
+                                .enumerate()
+                                .map(|(i, v)| v * 1.3 + i as f32 * 1e-3)
+                                .collect();
+                            let back = col2im(&dcols, &g);
+                            let want = naive_col2im(&dcols, &g);
+                            assert_eq!(
+                                back.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                                want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                                "{g:?}"
+                            );
+                            checked += 1;
+                        }
+                    }
+                }
+            }
+        }
+        assert!(checked > 50, "{checked}");
+    }
 }

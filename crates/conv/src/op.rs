@@ -1,12 +1,11 @@
 //! The convolution as candle custom ops: forward and backward on the CPU.
 
-use crate::im2col::{col2im, im2col, Geometry};
+use crate::im2col::{col2im, im2col, swap_outer, Geometry};
 use crate::{geometry, Conv2dConfig};
 use candle_core::backend::BackendStorage;
 use candle_core::{
     bail, CpuStorage, CustomOp1, CustomOp2, Device, Layout, Result, Shape, Tensor, WithDType,
 };
-use rayon::prelude::*;
 
 /// y = conv(x, w), without bias; arguments x (N, C, H, W) and w (O, C, kH, kW).
 pub struct Conv2dOp {
@@ -31,16 +30,7 @@ fn forward<T: WithDType>(x: &[T], w: &[T], g: &Geometry, c_out: usize) -> Result
         bail!("conv2d: matmul left the CPU");
     };
     let y = slice::<T>(storage, layout, "matmul output")?;
-    // (O, N, P) -> (N, O, P)
-    let mut out = vec![T::zero(); g.n * c_out * p];
-    out.par_chunks_mut(p)
-        .with_min_len(crate::im2col::min_len(p))
-        .enumerate()
-        .for_each(|(no, dst)| {
-            let (n, o) = (no / c_out, no % c_out);
-            dst.copy_from_slice(&y[o * np + n * p..][..p]);
-        });
-    Ok(out)
+    Ok(swap_outer(y, c_out, g.n, p))
 }
 
 impl CustomOp2 for Conv2dOp {
@@ -92,9 +82,8 @@ impl CustomOp2 for Conv2dOp {
         let (c_out, k, np) = (w.dim(0)?, g.k(), g.n * g.p());
         // dY as (O, N·P), the layout of the matmuls.
         let dy_rows = dy
-            .reshape((g.n, c_out, g.p()))?
-            .transpose(0, 1)?
             .contiguous()?
+            .apply_op1_no_bwd(&Reshape::SwapOuter(g.n, c_out, g.p()))?
             .reshape((c_out, np))?;
         let dw = if w.track_op() {
             let cols = x.detach().apply_op1_no_bwd(&Reshape::Im2Col(g))?;
@@ -141,6 +130,8 @@ enum Reshape {
     /// A kernel (O, C, kH, kW) to (C, O, kH, kW) flipped in space: w'[c, o, y, x] =
     /// w[o, c, kH − 1 − y, kW − 1 − x].
     FlipTranspose,
+    /// (A, B, P) to (B, A, P).
+    SwapOuter(usize, usize, usize),
 }
 
 impl CustomOp1 for Reshape {
@@ -149,6 +140,7 @@ impl CustomOp1 for Reshape {
             Reshape::Im2Col(_) => "normbench-im2col",
             Reshape::Col2Im(_) => "normbench-col2im",
             Reshape::FlipTranspose => "normbench-flip-transpose",
+            Reshape::SwapOuter(..) => "normbench-swap-outer",
         }
     }
 
@@ -173,6 +165,23 @@ impl CustomOp1 for Reshape {
                 )?,
                 Shape::from((g.n, g.c_in, g.h, g.w)),
             ),
+            Reshape::SwapOuter(a, b, p) => {
+                if end - start != a * b * p {
+                    bail!(
+                        "{}: {} values are not ({a}, {b}, {p})",
+                        self.name(),
+                        end - start
+                    );
+                }
+                (
+                    dispatch(
+                        s,
+                        |v| swap_outer(&v[start..end], a, b, p),
+                        |v| swap_outer(&v[start..end], a, b, p),
+                    )?,
+                    Shape::from((b, a, p)),
+                )
+            }
             Reshape::FlipTranspose => {
                 let &[o, c, kh, kw] = l.dims() else {
                     bail!(
