@@ -277,10 +277,10 @@ pub fn col2im<T: WithDType>(cols: &[T], g: &Geometry) -> Vec<T> {
 mod tests {
     use super::*;
 
-    /// im2col by its definition, one value at a time.
-    fn naive_im2col(x: &[f32], g: &Geometry) -> Vec<f32> {
+    /// Every (column index, input index) pair the convolution reads, by its definition, in
+    /// the order (ci, ky, kx, n, oy, ox): for any input value, taps in (ky, kx) order.
+    fn each_read(g: &Geometry, mut f: impl FnMut(usize, usize)) {
         let (p, np) = (g.p(), g.n * g.p());
-        let mut cols = vec![0f32; g.k() * np];
         for ci in 0..g.c_in {
             for ky in 0..g.kh {
                 for kx in 0..g.kw {
@@ -288,16 +288,15 @@ mod tests {
                     for n in 0..g.n {
                         for oy in 0..g.oh {
                             for ox in 0..g.ow {
-                                let iy =
-                                    (oy * g.stride + ky * g.dilation) as isize - g.padding as isize;
-                                let ix =
-                                    (ox * g.stride + kx * g.dilation) as isize - g.padding as isize;
-                                if (0..g.h as isize).contains(&iy)
-                                    && (0..g.w as isize).contains(&ix)
-                                {
-                                    cols[k * np + n * p + oy * g.ow + ox] =
-                                        x[((n * g.c_in + ci) * g.h + iy as usize) * g.w
-                                            + ix as usize];
+                                let at = |o: usize, kk: usize| {
+                                    (o * g.stride + kk * g.dilation).checked_sub(g.padding)
+                                };
+                                let (Some(iy), Some(ix)) = (at(oy, ky), at(ox, kx)) else {
+                                    continue;
+                                };
+                                if iy < g.h && ix < g.w {
+                                    let col = k * np + n * p + oy * g.ow + ox;
+                                    f(col, ((n * g.c_in + ci) * g.h + iy) * g.w + ix);
                                 }
                             }
                         }
@@ -305,37 +304,6 @@ mod tests {
                 }
             }
         }
-        cols
-    }
-
-    /// col2im by its definition, adding taps in (ky, kx) order.
-    fn naive_col2im(cols: &[f32], g: &Geometry) -> Vec<f32> {
-        let (p, np) = (g.p(), g.n * g.p());
-        let mut x = vec![0f32; g.n * g.c_in * g.h * g.w];
-        for n in 0..g.n {
-            for ci in 0..g.c_in {
-                for ky in 0..g.kh {
-                    for kx in 0..g.kw {
-                        let k = (ci * g.kh + ky) * g.kw + kx;
-                        for oy in 0..g.oh {
-                            for ox in 0..g.ow {
-                                let iy =
-                                    (oy * g.stride + ky * g.dilation) as isize - g.padding as isize;
-                                let ix =
-                                    (ox * g.stride + kx * g.dilation) as isize - g.padding as isize;
-                                if (0..g.h as isize).contains(&iy)
-                                    && (0..g.w as isize).contains(&ix)
-                                {
-                                    x[((n * g.c_in + ci) * g.h + iy as usize) * g.w
-                                        + ix as usize] += cols[k * np + n * p + oy * g.ow + ox];
-                                }
-                            }
-                        }
-                    }
-                }
-            }
-        }
-        x
     }
 
     #[test]
@@ -367,7 +335,8 @@ mod tests {
                                 .map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.137)
                                 .collect();
                             let cols = im2col(&x, &g);
-                            let want = naive_im2col(&x, &g);
+                            let mut want = vec![0f32; cols.len()];
+                            each_read(&g, |c, i| want[c] = x[i]);
                             assert_eq!(cols, want, "{g:?}");
                             let dcols: Vec<f32> = cols
                                 .iter()
@@ -375,7 +344,8 @@ mod tests {
                                 .map(|(i, v)| v * 1.3 + i as f32 * 1e-3)
                                 .collect();
                             let back = col2im(&dcols, &g);
-                            let want = naive_col2im(&dcols, &g);
+                            let mut want = vec![0f32; x.len()];
+                            each_read(&g, |c, i| want[i] += dcols[c]);
                             assert_eq!(
                                 back.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
                                 want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
