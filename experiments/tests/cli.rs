@@ -417,6 +417,33 @@ fn benchmark_commands_print_their_tables() {
     ] {
         assert!(table.contains(row), "no {row} in\n{table}");
     }
+    // Several thread counts: one process each, then the scaling table from their times.
+    let out = experiments(&[
+        "bench-norms",
+        "--shapes",
+        "2,8,4,4",
+        "--min-time",
+        "0",
+        "--norms",
+        "ln",
+        "--no-reference",
+        "--threads",
+        "1,2",
+    ]);
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for line in [
+        "training forward and forward+backward, 1 thread(s)",
+        "training forward and forward+backward, 2 thread(s)",
+        "### Scaling of the fused kernels over 1 thread(s)",
+        "| ln | [2, 8, 4, 4] |",
+    ] {
+        assert!(table.contains(line), "no {line} in\n{table}");
+    }
     let e = fails(&["bench-norms", "--shapes", "2,32,4", "--min-time", "0"]);
     assert!(e.contains("is not N,C,H,W"), "{e}");
     let e = fails(&["bench-norms", "--threads", "0", "--min-time", "0"]);
