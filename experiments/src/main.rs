@@ -181,7 +181,7 @@ fn sweep(args: SweepArgs) -> Result<()> {
 /// candle runs its elementwise ops on a thread pool of its own, whose idle workers spin 25,000
 /// times before they sleep; normbench's kernels run on rayon's pool. With as many threads as
 /// cores, candle's spinning workers take the cores the kernels need: through autograd, two
-/// threads ran the fused layers at (32,256,14,14) 1.2–1.3× faster than one instead of 1.9–2.0×.
+/// threads ran the fused layers at (32,256,14,14) 1.2–1.3× faster than one instead of 1.9–2.2×.
 /// So they sleep almost at once, unless `CANDLE_BARRIER_POOL_SPIN_LIMIT` says otherwise.
 /// (Runs with one thread have no such workers.) Called first, before any thread starts.
 fn quiet_candle_pool() {

@@ -118,10 +118,11 @@ impl Plan {
         ensure!(!self.batch_sizes.is_empty(), "--batch-sizes is empty");
         ensure!(!self.seeds.is_empty(), "--seeds is empty");
         let has_repeats = |v: Vec<u64>| {
-            let mut sorted = v.clone();
+            let n = v.len();
+            let mut sorted = v;
             sorted.sort_unstable();
             sorted.dedup();
-            sorted.len() != v.len()
+            sorted.len() != n
         };
         ensure!(
             !has_repeats(self.seeds.clone()),

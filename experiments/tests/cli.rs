@@ -13,11 +13,22 @@ fn experiments(args: &[&str]) -> Output {
         .expect("the binary runs")
 }
 
-fn ok(args: &[&str]) -> String {
+/// The output of a run that must succeed.
+fn succeeds(args: &[&str]) -> Output {
     let out = experiments(args);
-    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{args:?} failed:\n{stderr}");
-    stderr
+    out
+}
+
+/// The messages (stderr) of a run that must succeed.
+fn ok(args: &[&str]) -> String {
+    String::from_utf8_lossy(&succeeds(args).stderr).to_string()
+}
+
+/// The printed tables (stdout) of a run that must succeed.
+fn printed(args: &[&str]) -> String {
+    String::from_utf8_lossy(&succeeds(args).stdout).to_string()
 }
 
 fn fails(args: &[&str]) -> String {
@@ -394,7 +405,7 @@ fn bad_arguments_fail_before_any_training() {
 
 #[test]
 fn benchmark_commands_print_their_tables() {
-    let out = experiments(&[
+    let table = printed(&[
         "bench-norms",
         "--shapes",
         "2,32,4,4",
@@ -403,12 +414,6 @@ fn benchmark_commands_print_their_tables() {
         "--norms",
         "bn,gn,ln,in",
     ]);
-    let table = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     for row in [
         "| bn | fused |",
         "| gn | reference |",
@@ -418,7 +423,7 @@ fn benchmark_commands_print_their_tables() {
         assert!(table.contains(row), "no {row} in\n{table}");
     }
     // Several thread counts: one process each, then the scaling table from their times.
-    let out = experiments(&[
+    let table = printed(&[
         "bench-norms",
         "--shapes",
         "2,8,4,4",
@@ -430,12 +435,6 @@ fn benchmark_commands_print_their_tables() {
         "--threads",
         "1,2",
     ]);
-    let table = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     for line in [
         "training forward and forward+backward, 1 thread(s)",
         "training forward and forward+backward, 2 thread(s)",
@@ -449,13 +448,7 @@ fn benchmark_commands_print_their_tables() {
     let e = fails(&["bench-norms", "--threads", "0", "--min-time", "0"]);
     assert!(e.contains("--threads: give thread counts above 0"), "{e}");
 
-    let out = experiments(&["bench-conv", "--batch-sizes", "2", "--min-time", "0"]);
-    let table = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let table = printed(&["bench-conv", "--batch-sizes", "2", "--min-time", "0"]);
     assert!(
         table.contains("| stem 3x3 3→16 16×16 | 2 |") && table.contains("| 2 |"),
         "{table}"

@@ -141,11 +141,7 @@ pub fn im2col<T: WithDType>(x: &[T], g: &Geometry) -> Vec<T> {
     let (p, np) = (g.p(), g.n * g.p());
     let plane_len = g.h * g.w;
     let shifted = g.stride == 1 && g.ow == g.w;
-    let tables = if g.stride > 1 {
-        g.tap_tables()
-    } else {
-        Vec::new()
-    };
+    let tables = (g.stride > 1).then(|| g.tap_tables());
     filled(g.k() * np, |cols| {
         cols.par_chunks_mut(np)
             .with_min_len(min_len(np))
@@ -158,7 +154,7 @@ pub fn im2col<T: WithDType>(x: &[T], g: &Geometry) -> Vec<T> {
                 for n in 0..g.n {
                     let plane = &x[(n * g.c_in + ci) * plane_len..][..plane_len];
                     let out = &mut row[n * p..][..p];
-                    if !tables.is_empty() {
+                    if let Some(tables) = &tables {
                         let tap = &tables[kk * p..][..p];
                         for (d, &i) in out.iter_mut().zip(tap) {
                             d.write(plane.get(i).copied().unwrap_or_else(T::zero));
@@ -193,21 +189,13 @@ pub fn im2col<T: WithDType>(x: &[T], g: &Geometry) -> Vec<T> {
                         }
                         continue;
                     }
+                    // Stride 1 (strided geometries took the tables above): rows are copies.
                     for oy in ylo..yhi {
                         let out_row = &mut out[oy * g.ow..][..g.ow];
-                        let iy = iy0 + (oy - ylo) * g.stride;
-                        let in_row = &plane[iy * g.w..][..g.w];
+                        let in_row = &plane[(iy0 + oy - ylo) * g.w..][..g.w];
                         zero(&mut out_row[..lo]);
                         zero(&mut out_row[hi..]);
-                        let dst = &mut out_row[lo..hi];
-                        if g.stride == 1 {
-                            copy(dst, &in_row[ix0..ix0 + (hi - lo)]);
-                        } else {
-                            let src = in_row[ix0..].iter().step_by(g.stride);
-                            for (d, v) in dst.iter_mut().zip(src) {
-                                d.write(*v);
-                            }
-                        }
+                        copy(&mut out_row[lo..hi], &in_row[ix0..ix0 + (hi - lo)]);
                     }
                 }
             });
@@ -219,18 +207,14 @@ pub fn im2col<T: WithDType>(x: &[T], g: &Geometry) -> Vec<T> {
 /// a fixed order (ky, kx, then rows).
 pub fn col2im<T: WithDType>(cols: &[T], g: &Geometry) -> Vec<T> {
     let (p, np) = (g.p(), g.n * g.p());
-    let tables = if g.stride > 1 {
-        g.tap_tables()
-    } else {
-        Vec::new()
-    };
+    let tables = (g.stride > 1).then(|| g.tap_tables());
     let mut x = vec![T::zero(); g.n * g.c_in * g.h * g.w];
     x.par_chunks_mut(g.h * g.w)
         .with_min_len(min_len(g.h * g.w * g.kh * g.kw))
         .enumerate()
         .for_each(|(plane_idx, plane)| {
             let (n, ci) = (plane_idx / g.c_in, plane_idx % g.c_in);
-            if !tables.is_empty() {
+            if let Some(tables) = &tables {
                 // The same additions in the same order as the rows below: taps in order, each
                 // adding at most one value to any input position.
                 for (kk, tap) in tables.chunks_exact(p).enumerate() {
@@ -252,19 +236,12 @@ pub fn col2im<T: WithDType>(cols: &[T], g: &Geometry) -> Vec<T> {
                     if lo == hi {
                         continue;
                     }
+                    // Stride 1 (strided geometries took the tables above).
                     for oy in ylo..yhi {
-                        let iy = iy0 + (oy - ylo) * g.stride;
-                        let in_row = &mut plane[iy * g.w..][..g.w];
+                        let in_row = &mut plane[(iy0 + oy - ylo) * g.w..][..g.w];
                         let vals = &src[oy * g.ow + lo..oy * g.ow + hi];
-                        if g.stride == 1 {
-                            for (d, v) in in_row[ix0..].iter_mut().zip(vals) {
-                                *d += *v;
-                            }
-                        } else {
-                            let dst = in_row[ix0..].iter_mut().step_by(g.stride);
-                            for (d, v) in dst.zip(vals) {
-                                *d += *v;
-                            }
+                        for (d, v) in in_row[ix0..].iter_mut().zip(vals) {
+                            *d += *v;
                         }
                     }
                 }
@@ -314,22 +291,14 @@ mod tests {
                 for k in 1..4 {
                     for padding in 0..k + 1 {
                         for dilation in 1..3 {
-                            let span = dilation * (k - 1) + 1;
-                            if h + 2 * padding < span || w + 2 * padding < span {
-                                continue;
-                            }
-                            let g = Geometry {
-                                n: 2,
-                                c_in: 3,
-                                h,
-                                w,
-                                kh: k,
-                                kw: k,
+                            let cfg = crate::Conv2dConfig {
                                 stride,
                                 padding,
                                 dilation,
-                                oh: (h + 2 * padding - span) / stride + 1,
-                                ow: (w + 2 * padding - span) / stride + 1,
+                            };
+                            // Kernels that do not fit the padded input are not geometries.
+                            let Ok(g) = crate::geometry(&[2, 3, h, w], &[1, 3, k, k], cfg) else {
+                                continue;
                             };
                             let x: Vec<f32> = (0..g.n * g.c_in * h * w)
                                 .map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.137)

@@ -212,20 +212,22 @@ enum Dy<'a, T> {
     Overwrite(&'a mut [T]),
 }
 
-/// Gradients (dx, dw, db) given the statistics; with `fixed` statistics (evaluation) no
-/// gradient flows through them. With `Dy::Overwrite` and `needs.dx`, dx is written over dy
+/// Gradients (dx, dw, db) given the statistics in `ctx`; with `fixed` statistics (evaluation)
+/// no gradient flows through them. With `Dy::Overwrite` and `needs.dx`, dx is written over dy
 /// (each set's values once its sums are taken) and the returned dx is `None`.
-#[allow(clippy::too_many_arguments)]
 fn backward<T: Float>(
     x: &[T],
     w: &[T],
     dy: Dy<'_, T>,
-    g: Geom,
-    stats: &Stats,
-    eps: f64,
-    fixed: bool,
-    needs: Needs,
+    ctx: &GradCtx<'_>,
 ) -> (Option<Vec<T>>, Vec<T>, Vec<T>) {
+    let &GradCtx {
+        g,
+        stats,
+        eps,
+        fixed,
+        needs,
+    } = ctx;
     // Per-(sample, channel) sums of dy·x̂ and dy, added over samples afterwards.
     let mut part_w = vec![0f64; g.n * g.c];
     let mut part_b = vec![0f64; g.n * g.c];
@@ -485,11 +487,7 @@ impl GradCtx<'_> {
             contiguous(xs, xl, "input")?,
             contiguous(ws, wl, "weight")?,
             dy,
-            self.g,
-            self.stats,
-            self.eps,
-            self.fixed,
-            self.needs,
+            self,
         );
         let cpu = &candle_core::Device::Cpu;
         Ok((
