@@ -10,6 +10,7 @@
 //! [`ConvImpl::Candle`] keeps candle's own `conv2d` as the baseline, and is what runs on devices
 //! other than the CPU.
 
+mod gemm;
 mod im2col;
 mod op;
 

@@ -1,10 +1,11 @@
 //! The convolution as candle custom ops: forward and backward on the CPU.
 
+use crate::gemm;
 use crate::im2col::{col2im, im2col, swap_outer, Geometry};
 use crate::{geometry, Conv2dConfig};
 use candle_core::backend::BackendStorage;
 use candle_core::{
-    bail, CpuStorage, CustomOp1, CustomOp2, Device, Layout, Result, Shape, Tensor, WithDType,
+    bail, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor, WithDType,
 };
 
 /// y = conv(x, w), without bias; arguments x (N, C, H, W) and w (O, C, kH, kW).
@@ -20,19 +21,6 @@ fn slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<
     }
 }
 
-fn forward<T: WithDType>(x: &[T], w: &[T], g: &Geometry, c_out: usize) -> Result<Vec<T>> {
-    let (k, p, np) = (g.k(), g.p(), g.n * g.p());
-    let cols = Tensor::from_vec(im2col(x, g), (k, np), &Device::Cpu)?;
-    let w = Tensor::from_slice(w, (c_out, k), &Device::Cpu)?;
-    let y = w.matmul(&cols)?;
-    let (storage, layout) = y.storage_and_layout();
-    let candle_core::Storage::Cpu(storage) = &*storage else {
-        bail!("conv2d: matmul left the CPU");
-    };
-    let y = slice::<T>(storage, layout, "matmul output")?;
-    Ok(swap_outer(y, c_out, g.n, p))
-}
-
 impl CustomOp2 for Conv2dOp {
     fn name(&self) -> &'static str {
         "normbench-conv2d"
@@ -46,28 +34,19 @@ impl CustomOp2 for Conv2dOp {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let g = geometry(l1.dims(), l2.dims(), self.cfg)?;
-        let c_out = l2.dims()[0];
-        let shape = Shape::from((g.n, c_out, g.oh, g.ow));
-        let out = match (s1, s2) {
-            (CpuStorage::F32(_), CpuStorage::F32(_)) => CpuStorage::F32(forward(
-                slice(s1, l1, "input")?,
-                slice(s2, l2, "weight")?,
-                &g,
-                c_out,
-            )?),
-            (CpuStorage::F64(_), CpuStorage::F64(_)) => CpuStorage::F64(forward(
-                slice(s1, l1, "input")?,
-                slice(s2, l2, "weight")?,
-                &g,
-                c_out,
-            )?),
-            _ => bail!(
+        let shape = Shape::from((g.n, l2.dims()[0], g.oh, g.ow));
+        if !matches!(
+            (s1, s2),
+            (CpuStorage::F32(_), CpuStorage::F32(_)) | (CpuStorage::F64(_), CpuStorage::F64(_))
+        ) {
+            bail!(
                 "conv2d: the fast convolution takes f32 or f64 input and weight of one dtype, \
                  got {:?} and {:?}; use --conv candle for other dtypes",
                 s1.dtype(),
                 s2.dtype()
-            ),
-        };
+            );
+        }
+        let out = dispatch2(s1, l1, s2, l2, &Products::Forward(g))?;
         Ok((out, shape))
     }
 
@@ -79,15 +58,18 @@ impl CustomOp2 for Conv2dOp {
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let g = geometry(x.dims(), w.dims(), self.cfg)?;
-        let (c_out, k, np) = (w.dim(0)?, g.k(), g.n * g.p());
+        let (c_out, np) = (w.dim(0)?, g.n * g.p());
         // dY as (O, N·P), the layout of the matmuls.
         let dy_rows = dy
             .contiguous()?
             .apply_op1_no_bwd(&Reshape::SwapOuter(g.n, c_out, g.p()))?
             .reshape((c_out, np))?;
         let dw = if w.track_op() {
-            let cols = x.detach().apply_op1_no_bwd(&Reshape::Im2Col(g))?;
-            Some(dy_rows.matmul(&cols.t()?)?.reshape(w.shape())?)
+            Some(
+                dy_rows
+                    .apply_op2_no_bwd(&x.detach(), &Products::WeightGrad(g))?
+                    .reshape(w.shape())?,
+            )
         } else {
             None
         };
@@ -101,7 +83,9 @@ impl CustomOp2 for Conv2dOp {
                 Some(dy.contiguous()?.apply_op2_no_bwd(&w_t, &Conv2dOp { cfg })?)
             }
             (true, None) => {
-                let dcols = w.detach().reshape((c_out, k))?.t()?.matmul(&dy_rows)?;
+                let dcols = w
+                    .detach()
+                    .apply_op2_no_bwd(&dy_rows, &Products::ColsGrad(g))?;
                 Some(dcols.apply_op1_no_bwd(&Reshape::Col2Im(g))?)
             }
         };
@@ -120,11 +104,111 @@ fn transposed_as_convolution(g: &Geometry) -> Option<Conv2dConfig> {
     })
 }
 
+/// The products around the data movement, on contiguous operands of one dtype.
+enum Products {
+    /// x (N, C, H, W) and w (O, C, kH, kW) to y (N, O, OH, OW).
+    Forward(Geometry),
+    /// dY as (O, N·P) and x (N, C, H, W) to dW as (O, K).
+    WeightGrad(Geometry),
+    /// w (O, C, kH, kW) and dY as (O, N·P) to the columns' gradient (K, N·P).
+    ColsGrad(Geometry),
+}
+
+impl Products {
+    fn apply<T: WithDType>(&self, a: &[T], b: &[T]) -> Vec<T> {
+        match *self {
+            Products::Forward(g) => {
+                let c_out = b.len() / g.k().max(1);
+                let y = gemm::forward(b, &im2col(a, &g), c_out, g.k(), g.n * g.p());
+                swap_outer(&y, c_out, g.n, g.p())
+            }
+            Products::WeightGrad(g) => {
+                let np = g.n * g.p();
+                gemm::weight_grad(a, &im2col(b, &g), a.len() / np.max(1), g.k(), np)
+            }
+            Products::ColsGrad(g) => {
+                gemm::cols_grad(a, b, a.len() / g.k().max(1), g.k(), g.n * g.p())
+            }
+        }
+    }
+
+    /// The operands' expected shapes and the output's.
+    fn shapes(&self, c_out: usize) -> ([Vec<usize>; 2], Shape) {
+        let (Products::Forward(g) | Products::WeightGrad(g) | Products::ColsGrad(g)) = *self;
+        let np = g.n * g.p();
+        let x = vec![g.n, g.c_in, g.h, g.w];
+        let w = vec![c_out, g.c_in, g.kh, g.kw];
+        match self {
+            Products::Forward(..) => ([x, w], Shape::from((g.n, c_out, g.oh, g.ow))),
+            Products::WeightGrad(_) => ([vec![c_out, np], x], Shape::from((c_out, g.k()))),
+            Products::ColsGrad(_) => ([w, vec![c_out, np]], Shape::from((g.k(), np))),
+        }
+    }
+}
+
+/// The products as a candle op without backward.
+impl CustomOp2 for Products {
+    fn name(&self) -> &'static str {
+        match self {
+            Products::Forward(..) => "normbench-conv2d-forward",
+            Products::WeightGrad(_) => "normbench-conv2d-weight-grad",
+            Products::ColsGrad(_) => "normbench-conv2d-cols-grad",
+        }
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let c_out = match self {
+            Products::Forward(_) => l2.dims().first(),
+            Products::WeightGrad(_) | Products::ColsGrad(_) => l1.dims().first(),
+        };
+        let c_out = *c_out.unwrap_or(&0);
+        let ([want1, want2], shape) = self.shapes(c_out);
+        if l1.dims() != want1 || l2.dims() != want2 {
+            bail!(
+                "{}: expected operands {want1:?} and {want2:?}, got {:?} and {:?}",
+                self.name(),
+                l1.dims(),
+                l2.dims()
+            );
+        }
+        Ok((dispatch2(s1, l1, s2, l2, self)?, shape))
+    }
+}
+
+/// `op` on two contiguous storages of one dtype, f32 or f64.
+fn dispatch2(
+    s1: &CpuStorage,
+    l1: &Layout,
+    s2: &CpuStorage,
+    l2: &Layout,
+    op: &Products,
+) -> Result<CpuStorage> {
+    Ok(match (s1, s2) {
+        (CpuStorage::F32(_), CpuStorage::F32(_)) => CpuStorage::F32(op.apply(
+            slice(s1, l1, "first operand")?,
+            slice(s2, l2, "second operand")?,
+        )),
+        (CpuStorage::F64(_), CpuStorage::F64(_)) => CpuStorage::F64(op.apply(
+            slice(s1, l1, "first operand")?,
+            slice(s2, l2, "second operand")?,
+        )),
+        _ => bail!(
+            "conv2d: expected f32 or f64 operands of one dtype, got {:?} and {:?}",
+            s1.dtype(),
+            s2.dtype()
+        ),
+    })
+}
+
 /// The data movement around the matmuls, as a candle op without backward.
 #[derive(Clone, Copy)]
 enum Reshape {
-    /// x (N, C, H, W) to columns (K, N·P).
-    Im2Col(Geometry),
     /// Columns (K, N·P) back to an image (N, C, H, W), summing overlaps.
     Col2Im(Geometry),
     /// A kernel (O, C, kH, kW) to (C, O, kH, kW) flipped in space: w'[c, o, y, x] =
@@ -137,7 +221,6 @@ enum Reshape {
 impl CustomOp1 for Reshape {
     fn name(&self) -> &'static str {
         match self {
-            Reshape::Im2Col(_) => "normbench-im2col",
             Reshape::Col2Im(_) => "normbench-col2im",
             Reshape::FlipTranspose => "normbench-flip-transpose",
             Reshape::SwapOuter(..) => "normbench-swap-outer",
@@ -149,14 +232,6 @@ impl CustomOp1 for Reshape {
             bail!("{}: the input must be contiguous", self.name());
         };
         let (out, shape) = match *self {
-            Reshape::Im2Col(g) => (
-                dispatch(
-                    s,
-                    |v| im2col(&v[start..end], &g),
-                    |v| im2col(&v[start..end], &g),
-                )?,
-                Shape::from((g.k(), g.n * g.p())),
-            ),
             Reshape::Col2Im(g) => (
                 dispatch(
                     s,
