@@ -89,6 +89,47 @@ impl Geometry {
         }
         table
     }
+
+    /// For stride-1 geometries as wide as their input, where an output position and the input
+    /// position it reads at one tap differ by a constant: per kernel tap, that constant, the
+    /// span of output positions that read the input, each (tap, sample) block then being one
+    /// contiguous copy, and the positions that read padding, zeroed after the copy (some lie
+    /// inside the span, where the copy wrapped round a row's edge).
+    fn shifts(&self) -> Vec<Shift> {
+        self.tap_tables()
+            .chunks_exact(self.p().max(1))
+            .map(|tap| {
+                let padding = (0..tap.len()).filter(|&j| tap[j] == PADDING).collect();
+                let Some(a) = tap.iter().position(|&i| i != PADDING) else {
+                    return Shift {
+                        span: 0..0,
+                        delta: 0,
+                        padding,
+                    };
+                };
+                let b = tap
+                    .iter()
+                    .rposition(|&i| i != PADDING)
+                    .map_or(a, |last| last + 1);
+                let delta = tap[a] as isize - a as isize;
+                debug_assert!(
+                    (a..b).all(|j| tap[j] == PADDING || tap[j] as isize == j as isize + delta)
+                );
+                Shift {
+                    span: a..b,
+                    delta,
+                    padding,
+                }
+            })
+            .collect()
+    }
+}
+
+/// One kernel tap of a stride-1 geometry as wide as its input (see [`Geometry::shifts`]).
+struct Shift {
+    span: std::ops::Range<usize>,
+    delta: isize,
+    padding: Vec<usize>,
 }
 
 /// A vector of `len` values, every one of them written by `fill` (which must write them all).
@@ -140,8 +181,8 @@ fn copy<T: WithDType>(dst: &mut [MaybeUninit<T>], src: &[T]) {
 pub fn im2col<T: WithDType>(x: &[T], g: &Geometry) -> Vec<T> {
     let (p, np) = (g.p(), g.n * g.p());
     let plane_len = g.h * g.w;
-    let shifted = g.stride == 1 && g.ow == g.w;
     let tables = (g.stride > 1).then(|| g.tap_tables());
+    let shifts = (g.stride == 1 && g.ow == g.w).then(|| g.shifts());
     filled(g.k() * np, |cols| {
         cols.par_chunks_mut(np)
             .with_min_len(min_len(np))
@@ -161,35 +202,26 @@ pub fn im2col<T: WithDType>(x: &[T], g: &Geometry) -> Vec<T> {
                         }
                         continue;
                     }
+                    if let Some(shifts) = &shifts {
+                        let Shift {
+                            span,
+                            delta,
+                            padding,
+                        } = &shifts[kk];
+                        let src = (span.start as isize + delta) as usize;
+                        copy(&mut out[span.clone()], &plane[src..][..span.len()]);
+                        for &j in padding {
+                            out[j].write(T::zero());
+                        }
+                        continue;
+                    }
                     zero(&mut out[..ylo * g.ow]);
                     zero(&mut out[yhi * g.ow..]);
                     if lo == hi {
                         zero(&mut out[ylo * g.ow..yhi * g.ow]); // a tap that only sees padding
                         continue;
                     }
-                    if shifted {
-                        // Output position j reads input position j + delta.
-                        let delta = (iy0 * g.w + ix0) as isize - (ylo * g.ow + lo) as isize;
-                        let first = (ylo * g.ow) as isize;
-                        let last = (yhi * g.ow) as isize;
-                        // Positions a..b read inside the plane.
-                        let a = (-delta).clamp(first, last);
-                        let b = (plane_len as isize - delta).clamp(a, last);
-                        if a < b {
-                            let src = &plane[(a + delta) as usize..(b + delta) as usize];
-                            copy(&mut out[a as usize..b as usize], src);
-                        }
-                        // Positions before a / after b, and the wrapped columns, read padding.
-                        zero(&mut out[first as usize..a as usize]);
-                        zero(&mut out[b as usize..last as usize]);
-                        for oy in ylo..yhi {
-                            let out_row = &mut out[oy * g.ow..][..g.ow];
-                            zero(&mut out_row[..lo]);
-                            zero(&mut out_row[hi..]);
-                        }
-                        continue;
-                    }
-                    // Stride 1 (strided geometries took the tables above): rows are copies.
+                    // Stride 1, an output narrower than the input: rows are copies.
                     for oy in ylo..yhi {
                         let out_row = &mut out[oy * g.ow..][..g.ow];
                         let in_row = &plane[(iy0 + oy - ylo) * g.w..][..g.w];
@@ -284,9 +316,10 @@ mod tests {
     }
 
     #[test]
-    fn strided_gathers_equal_the_definition_bit_for_bit() {
+    fn gathers_and_scatters_equal_the_definition_bit_for_bit() {
         let mut checked = 0;
-        for stride in 2..4 {
+        // Stride 1 covers the block copies (outputs as wide as the input) and the row copies.
+        for stride in 1..4 {
             for (h, w) in [(5, 5), (8, 8), (7, 4), (1, 6)] {
                 for k in 1..4 {
                     for padding in 0..k + 1 {
