@@ -163,7 +163,7 @@ pub fn conv2d_with(
     let y = match kind {
         ConvImpl::Fast if x.device().is_cpu() => x
             .contiguous()?
-            .apply_op2(&weight.contiguous()?, op::Conv2dOp { cfg })?,
+            .apply_op2(&weight.contiguous()?, op::Conv2dOp::new(cfg))?,
         _ => x.conv2d(weight, cfg.padding, cfg.stride, cfg.dilation, 1)?,
     };
     match bias {

@@ -5,12 +5,44 @@ use crate::im2col::{col2im, im2col, swap_outer, Geometry};
 use crate::{geometry, Conv2dConfig};
 use candle_core::backend::BackendStorage;
 use candle_core::{
-    bail, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor, WithDType,
+    bail, CpuStorage, CustomOp1, CustomOp2, Device, Layout, Result, Shape, Tensor, WithDType,
 };
+use std::sync::Mutex;
 
 /// y = conv(x, w), without bias; arguments x (N, C, H, W) and w (O, C, kH, kW).
 pub struct Conv2dOp {
-    pub cfg: Conv2dConfig,
+    cfg: Conv2dConfig,
+    /// The forward's columns, kept for the weight gradient where they are small (see
+    /// [`keeps_columns`]); the backward takes them.
+    cols: Mutex<Option<Tensor>>,
+}
+
+impl Conv2dOp {
+    pub fn new(cfg: Conv2dConfig) -> Self {
+        Self {
+            cfg,
+            cols: Mutex::new(None),
+        }
+    }
+
+    fn forward<T: WithDType>(&self, x: &[T], w: &[T], g: &Geometry) -> Result<Vec<T>> {
+        let (k, np) = (g.k(), g.n * g.p());
+        let c_out = w.len() / k.max(1);
+        let cols = im2col(x, g);
+        let y = gemm::forward(w, &cols, c_out, k, np);
+        if keeps_columns(g) {
+            *self.cols.lock().unwrap_or_else(|e| e.into_inner()) =
+                Some(Tensor::from_vec(cols, (k, np), &Device::Cpu)?);
+        }
+        Ok(swap_outer(&y, c_out, g.n, g.p()))
+    }
+}
+
+/// Whether the forward keeps its columns for the backward, which then skips one im2col: where
+/// they hold at most 2.25× the input's values (kH·kW·OH·OW ≤ 2.25·H·W: 3×3 kernels with
+/// stride 2, 1×1 kernels), not for stride-1 3×3 layers, whose columns are 9× their input.
+fn keeps_columns(g: &Geometry) -> bool {
+    4 * g.kh * g.kw * g.p() <= 9 * g.h * g.w
 }
 
 /// The contiguous data of a storage, or an error for strided or unsupported inputs.
@@ -46,7 +78,18 @@ impl CustomOp2 for Conv2dOp {
                 s2.dtype()
             );
         }
-        let out = dispatch2(s1, l1, s2, l2, &Products::Forward(g))?;
+        let out = match (s1, s2) {
+            (CpuStorage::F32(_), CpuStorage::F32(_)) => CpuStorage::F32(self.forward(
+                slice(s1, l1, "input")?,
+                slice(s2, l2, "weight")?,
+                &g,
+            )?),
+            _ => CpuStorage::F64(self.forward(
+                slice(s1, l1, "input")?,
+                slice(s2, l2, "weight")?,
+                &g,
+            )?),
+        };
         Ok((out, shape))
     }
 
@@ -65,11 +108,14 @@ impl CustomOp2 for Conv2dOp {
             .apply_op1_no_bwd(&Reshape::SwapOuter(g.n, c_out, g.p()))?
             .reshape((c_out, np))?;
         let dw = if w.track_op() {
-            Some(
-                dy_rows
-                    .apply_op2_no_bwd(&x.detach(), &Products::WeightGrad(g))?
-                    .reshape(w.shape())?,
-            )
+            let kept = self.cols.lock().unwrap_or_else(|e| e.into_inner()).take();
+            let dw = match kept {
+                Some(cols) => {
+                    dy_rows.apply_op2_no_bwd(&cols, &Products::WeightGradFromColumns(g))?
+                }
+                None => dy_rows.apply_op2_no_bwd(&x.detach(), &Products::WeightGrad(g))?,
+            };
+            Some(dw.reshape(w.shape())?)
         } else {
             None
         };
@@ -80,7 +126,10 @@ impl CustomOp2 for Conv2dOp {
                 // flipped in space and transposed in channels, which im2col + matmul do
                 // faster than matmul + col2im.
                 let w_t = w.detach().apply_op1_no_bwd(&Reshape::FlipTranspose)?;
-                Some(dy.contiguous()?.apply_op2_no_bwd(&w_t, &Conv2dOp { cfg })?)
+                Some(
+                    dy.contiguous()?
+                        .apply_op2_no_bwd(&w_t, &Conv2dOp::new(cfg))?,
+                )
             }
             (true, None) => {
                 let dcols = w
@@ -106,10 +155,10 @@ fn transposed_as_convolution(g: &Geometry) -> Option<Conv2dConfig> {
 
 /// The products around the data movement, on contiguous operands of one dtype.
 enum Products {
-    /// x (N, C, H, W) and w (O, C, kH, kW) to y (N, O, OH, OW).
-    Forward(Geometry),
     /// dY as (O, N·P) and x (N, C, H, W) to dW as (O, K).
     WeightGrad(Geometry),
+    /// dY as (O, N·P) and x's columns (K, N·P) to dW as (O, K).
+    WeightGradFromColumns(Geometry),
     /// w (O, C, kH, kW) and dY as (O, N·P) to the columns' gradient (K, N·P).
     ColsGrad(Geometry),
 }
@@ -117,14 +166,13 @@ enum Products {
 impl Products {
     fn apply<T: WithDType>(&self, a: &[T], b: &[T]) -> Vec<T> {
         match *self {
-            Products::Forward(g) => {
-                let c_out = b.len() / g.k().max(1);
-                let y = gemm::forward(b, &im2col(a, &g), c_out, g.k(), g.n * g.p());
-                swap_outer(&y, c_out, g.n, g.p())
-            }
             Products::WeightGrad(g) => {
                 let np = g.n * g.p();
                 gemm::weight_grad(a, &im2col(b, &g), a.len() / np.max(1), g.k(), np)
+            }
+            Products::WeightGradFromColumns(g) => {
+                let np = g.n * g.p();
+                gemm::weight_grad(a, b, a.len() / np.max(1), g.k(), np)
             }
             Products::ColsGrad(g) => {
                 gemm::cols_grad(a, b, a.len() / g.k().max(1), g.k(), g.n * g.p())
@@ -134,13 +182,17 @@ impl Products {
 
     /// The operands' expected shapes and the output's.
     fn shapes(&self, c_out: usize) -> ([Vec<usize>; 2], Shape) {
-        let (Products::Forward(g) | Products::WeightGrad(g) | Products::ColsGrad(g)) = *self;
+        let (Products::WeightGrad(g) | Products::WeightGradFromColumns(g) | Products::ColsGrad(g)) =
+            *self;
         let np = g.n * g.p();
         let x = vec![g.n, g.c_in, g.h, g.w];
         let w = vec![c_out, g.c_in, g.kh, g.kw];
         match self {
-            Products::Forward(..) => ([x, w], Shape::from((g.n, c_out, g.oh, g.ow))),
             Products::WeightGrad(_) => ([vec![c_out, np], x], Shape::from((c_out, g.k()))),
+            Products::WeightGradFromColumns(_) => (
+                [vec![c_out, np], vec![g.k(), np]],
+                Shape::from((c_out, g.k())),
+            ),
             Products::ColsGrad(_) => ([w, vec![c_out, np]], Shape::from((g.k(), np))),
         }
     }
@@ -150,8 +202,9 @@ impl Products {
 impl CustomOp2 for Products {
     fn name(&self) -> &'static str {
         match self {
-            Products::Forward(..) => "normbench-conv2d-forward",
-            Products::WeightGrad(_) => "normbench-conv2d-weight-grad",
+            Products::WeightGrad(_) | Products::WeightGradFromColumns(_) => {
+                "normbench-conv2d-weight-grad"
+            }
             Products::ColsGrad(_) => "normbench-conv2d-cols-grad",
         }
     }
@@ -163,11 +216,7 @@ impl CustomOp2 for Products {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let c_out = match self {
-            Products::Forward(_) => l2.dims().first(),
-            Products::WeightGrad(_) | Products::ColsGrad(_) => l1.dims().first(),
-        };
-        let c_out = *c_out.unwrap_or(&0);
+        let c_out = l1.dims().first().copied().unwrap_or(0);
         let ([want1, want2], shape) = self.shapes(c_out);
         if l1.dims() != want1 || l2.dims() != want2 {
             bail!(
@@ -301,4 +350,26 @@ where
         CpuStorage::F64(v) => CpuStorage::F64(f64_(v)),
         _ => bail!("conv2d: expected f32 or f64, got {:?}", s.dtype()),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn columns_are_kept_for_strided_and_pointwise_layers_only() {
+        let keeps = |x: [usize; 4], k: usize, stride: usize| {
+            let cfg = Conv2dConfig {
+                stride,
+                padding: k / 2,
+                dilation: 1,
+            };
+            keeps_columns(&geometry(&x, &[5, x[1], k, k], cfg).unwrap())
+        };
+        assert!(keeps([3, 4, 8, 6], 3, 2));
+        assert!(keeps([3, 4, 8, 6], 1, 2));
+        assert!(keeps([3, 4, 8, 6], 1, 1));
+        assert!(!keeps([3, 4, 8, 6], 3, 1));
+        assert!(!keeps([3, 4, 7, 6], 3, 2)); // 4×3 outputs: 108 values per channel > 2.25 · 42
+    }
 }
