@@ -192,6 +192,25 @@ pub fn im2col<T: WithDType>(x: &[T], g: &Geometry) -> Vec<T> {
                 let (ky, kx) = (kk / g.kw, kk % g.kw);
                 let (lo, hi, ix0) = g.valid_range(kx, g.w, g.ow);
                 let (ylo, yhi, iy0) = g.valid_range(ky, g.h, g.oh);
+                if let Some(shifts) = &shifts {
+                    let Shift {
+                        span,
+                        delta,
+                        padding,
+                    } = &shifts[kk];
+                    let first = ci * plane_len + (span.start as isize + delta) as usize;
+                    let sample_len = g.c_in * plane_len;
+                    for (n, out) in row.chunks_exact_mut(p).enumerate() {
+                        copy(
+                            &mut out[span.clone()],
+                            &x[n * sample_len + first..][..span.len()],
+                        );
+                        for &j in padding {
+                            out[j].write(T::zero());
+                        }
+                    }
+                    return;
+                }
                 for n in 0..g.n {
                     let plane = &x[(n * g.c_in + ci) * plane_len..][..plane_len];
                     let out = &mut row[n * p..][..p];
@@ -199,19 +218,6 @@ pub fn im2col<T: WithDType>(x: &[T], g: &Geometry) -> Vec<T> {
                         let tap = &tables[kk * p..][..p];
                         for (d, &i) in out.iter_mut().zip(tap) {
                             d.write(plane.get(i).copied().unwrap_or_else(T::zero));
-                        }
-                        continue;
-                    }
-                    if let Some(shifts) = &shifts {
-                        let Shift {
-                            span,
-                            delta,
-                            padding,
-                        } = &shifts[kk];
-                        let src = (span.start as isize + delta) as usize;
-                        copy(&mut out[span.clone()], &plane[src..][..span.len()]);
-                        for &j in padding {
-                            out[j].write(T::zero());
                         }
                         continue;
                     }
