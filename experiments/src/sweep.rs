@@ -199,9 +199,30 @@ fn cpu_model() -> String {
         .unwrap_or_else(|| "unknown".into())
 }
 
-/// The manifest: configuration, versions, machine, and the sweep's times.
+/// The source tree a sweep started from: its commit, and whether tracked files differed from it.
+/// Read once, when the sweep starts, so that the final manifest does not name a commit made
+/// while it ran.
+struct Source {
+    commit: String,
+    dirty: Option<bool>,
+}
+
+impl Source {
+    fn now() -> Self {
+        Self {
+            commit: command_output("git", &["rev-parse", "HEAD"])
+                .unwrap_or_else(|| "unknown".into()),
+            dirty: command_output("git", &["status", "--porcelain", "--untracked-files=no"])
+                .map(|s| !s.is_empty()),
+        }
+    }
+}
+
+/// The manifest: configuration, versions, machine, source, and the sweep's times.
+#[allow(clippy::too_many_arguments)]
 fn manifest(
     plan: &Plan,
+    source: &Source,
     jobs: usize,
     threads_per_job: usize,
     start: &str,
@@ -209,9 +230,6 @@ fn manifest(
     done: usize,
     total: usize,
 ) -> serde_json::Value {
-    let commit = command_output("git", &["rev-parse", "HEAD"]).unwrap_or_else(|| "unknown".into());
-    let dirty = command_output("git", &["status", "--porcelain", "--untracked-files=no"])
-        .map(|s| !s.is_empty());
     json!({
         "tool": "normbench experiments sweep",
         "command": std::env::args().collect::<Vec<_>>(),
@@ -228,8 +246,8 @@ fn manifest(
             "candle-nn": env!("NORMBENCH_CANDLE_NN_VERSION"),
             "rustc": env!("NORMBENCH_RUSTC_VERSION"),
         },
-        "git_commit": commit,
-        "git_dirty": dirty,
+        "git_commit": source.commit,
+        "git_dirty": source.dirty,
         "jobs": jobs,
         "threads_per_job": threads_per_job,
         "os": std::env::consts::OS,
@@ -306,8 +324,18 @@ pub fn run(plan: &Plan, ds: Dataset, out: &Path, jobs: usize, verbose: bool) -> 
     // the pool it runs in: without this, each job's matmuls would split for all the CPUs.
     std::env::set_var("RAYON_NUM_THREADS", threads_per_job.to_string());
     let start = now();
+    let source = Source::now();
     let write_manifest = |end: Option<&str>, done: usize| -> Result<()> {
-        let m = manifest(plan, jobs, threads_per_job, &start, end, done, all.len());
+        let m = manifest(
+            plan,
+            &source,
+            jobs,
+            threads_per_job,
+            &start,
+            end,
+            done,
+            all.len(),
+        );
         write_atomic(&out.join(MANIFEST_JSON), &serde_json::to_vec_pretty(&m)?)
     };
     write_manifest(None, skipped)?;
