@@ -78,19 +78,7 @@ impl CustomOp2 for Conv2dOp {
                 s2.dtype()
             );
         }
-        let out = match (s1, s2) {
-            (CpuStorage::F32(_), CpuStorage::F32(_)) => CpuStorage::F32(self.forward(
-                slice(s1, l1, "input")?,
-                slice(s2, l2, "weight")?,
-                &g,
-            )?),
-            _ => CpuStorage::F64(self.forward(
-                slice(s1, l1, "input")?,
-                slice(s2, l2, "weight")?,
-                &g,
-            )?),
-        };
-        Ok((out, shape))
+        Ok((dispatch2(s1, l1, s2, l2, &(self, g))?, shape))
     }
 
     fn bwd(
@@ -163,9 +151,21 @@ enum Products {
     ColsGrad(Geometry),
 }
 
-impl Products {
-    fn apply<T: WithDType>(&self, a: &[T], b: &[T]) -> Vec<T> {
-        match *self {
+/// A computation on two contiguous operands of one dtype, f32 or f64 (see [`dispatch2`]).
+trait TwoOperands {
+    fn apply<T: WithDType>(&self, a: &[T], b: &[T]) -> Result<Vec<T>>;
+}
+
+/// The forward: x and w to y.
+impl TwoOperands for (&Conv2dOp, Geometry) {
+    fn apply<T: WithDType>(&self, x: &[T], w: &[T]) -> Result<Vec<T>> {
+        self.0.forward(x, w, &self.1)
+    }
+}
+
+impl TwoOperands for Products {
+    fn apply<T: WithDType>(&self, a: &[T], b: &[T]) -> Result<Vec<T>> {
+        Ok(match *self {
             Products::WeightGrad(g) => {
                 let np = g.n * g.p();
                 gemm::weight_grad(a, &im2col(b, &g), a.len() / np.max(1), g.k(), np)
@@ -177,9 +177,11 @@ impl Products {
             Products::ColsGrad(g) => {
                 gemm::cols_grad(a, b, a.len() / g.k().max(1), g.k(), g.n * g.p())
             }
-        }
+        })
     }
+}
 
+impl Products {
     /// The operands' expected shapes and the output's.
     fn shapes(&self, c_out: usize) -> ([Vec<usize>; 2], Shape) {
         let (Products::WeightGrad(g) | Products::WeightGradFromColumns(g) | Products::ColsGrad(g)) =
@@ -236,17 +238,17 @@ fn dispatch2(
     l1: &Layout,
     s2: &CpuStorage,
     l2: &Layout,
-    op: &Products,
+    op: &impl TwoOperands,
 ) -> Result<CpuStorage> {
     Ok(match (s1, s2) {
         (CpuStorage::F32(_), CpuStorage::F32(_)) => CpuStorage::F32(op.apply(
             slice(s1, l1, "first operand")?,
             slice(s2, l2, "second operand")?,
-        )),
+        )?),
         (CpuStorage::F64(_), CpuStorage::F64(_)) => CpuStorage::F64(op.apply(
             slice(s1, l1, "first operand")?,
             slice(s2, l2, "second operand")?,
-        )),
+        )?),
         _ => bail!(
             "conv2d: expected f32 or f64 operands of one dtype, got {:?} and {:?}",
             s1.dtype(),
