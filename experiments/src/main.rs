@@ -85,7 +85,7 @@ struct SweepArgs {
     #[arg(long, default_value_t = 0.1)]
     base_lr: f64,
     /// Linear warm-up, in epochs, before the cosine decay.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 3.0)]
     warmup_epochs: f64,
     /// Weight decay on convolution and classifier weights (never on normalizers).
     #[arg(long, default_value_t = 5e-4)]
