@@ -15,7 +15,25 @@ struct View<'a, T> {
     cs: usize,
 }
 
-impl<T> View<'_, T> {
+impl<'a, T> View<'a, T> {
+    /// A row-major matrix whose rows are `row_len` apart.
+    fn rows(data: &'a [T], row_len: usize) -> Self {
+        Self {
+            data,
+            rs: row_len,
+            cs: 1,
+        }
+    }
+
+    /// The transpose of a row-major matrix whose rows are `row_len` apart.
+    fn transposed(data: &'a [T], row_len: usize) -> Self {
+        Self {
+            data,
+            rs: 1,
+            cs: row_len,
+        }
+    }
+
     /// Panics unless every element of a (rows × cols) matrix lies inside `data`, which makes
     /// the unchecked reads of `gemm` sound.
     fn check(&self, rows: usize, cols: usize) {
@@ -90,16 +108,8 @@ pub(crate) fn forward<T: WithDType>(
     k: usize,
     np: usize,
 ) -> Vec<T> {
-    let w = View {
-        data: w,
-        rs: k,
-        cs: 1,
-    };
-    let cols = View {
-        data: cols,
-        rs: np,
-        cs: 1,
-    };
+    let w = View::rows(w, k);
+    let cols = View::rows(cols, np);
     product(c_out, np, k, w, cols, np, 1)
 }
 
@@ -111,16 +121,8 @@ pub(crate) fn cols_grad<T: WithDType>(
     k: usize,
     np: usize,
 ) -> Vec<T> {
-    let w_t = View {
-        data: w,
-        rs: 1,
-        cs: k,
-    };
-    let dy = View {
-        data: dy_rows,
-        rs: np,
-        cs: 1,
-    };
+    let w_t = View::transposed(w, k);
+    let dy = View::rows(dy_rows, np);
     product(k, np, c_out, w_t, dy, np, 1)
 }
 
@@ -133,16 +135,8 @@ pub(crate) fn weight_grad<T: WithDType>(
     k: usize,
     np: usize,
 ) -> Vec<T> {
-    let dy = View {
-        data: dy_rows,
-        rs: np,
-        cs: 1,
-    };
-    let cols_t = View {
-        data: cols,
-        rs: 1,
-        cs: np,
-    };
+    let dy = View::rows(dy_rows, np);
+    let cols_t = View::transposed(cols, np);
     let by_column = product(c_out, k, np, dy, cols_t, 1, c_out);
     filled(c_out * k, |dst| {
         for (o, row) in dst.chunks_mut(k.max(1)).enumerate() {

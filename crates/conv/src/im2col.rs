@@ -189,9 +189,6 @@ pub fn im2col<T: WithDType>(x: &[T], g: &Geometry) -> Vec<T> {
             .enumerate()
             .for_each(|(k, row)| {
                 let (ci, kk) = (k / (g.kh * g.kw), k % (g.kh * g.kw));
-                let (ky, kx) = (kk / g.kw, kk % g.kw);
-                let (lo, hi, ix0) = g.valid_range(kx, g.w, g.ow);
-                let (ylo, yhi, iy0) = g.valid_range(ky, g.h, g.oh);
                 if let Some(shifts) = &shifts {
                     let Shift {
                         span,
@@ -211,6 +208,9 @@ pub fn im2col<T: WithDType>(x: &[T], g: &Geometry) -> Vec<T> {
                     }
                     return;
                 }
+                let (ky, kx) = (kk / g.kw, kk % g.kw);
+                let (lo, hi, ix0) = g.valid_range(kx, g.w, g.ow);
+                let (ylo, yhi, iy0) = g.valid_range(ky, g.h, g.oh);
                 for n in 0..g.n {
                     let plane = &x[(n * g.c_in + ci) * plane_len..][..plane_len];
                     let out = &mut row[n * p..][..p];

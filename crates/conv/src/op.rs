@@ -67,17 +67,6 @@ impl CustomOp2 for Conv2dOp {
     ) -> Result<(CpuStorage, Shape)> {
         let g = geometry(l1.dims(), l2.dims(), self.cfg)?;
         let shape = Shape::from((g.n, l2.dims()[0], g.oh, g.ow));
-        if !matches!(
-            (s1, s2),
-            (CpuStorage::F32(_), CpuStorage::F32(_)) | (CpuStorage::F64(_), CpuStorage::F64(_))
-        ) {
-            bail!(
-                "conv2d: the fast convolution takes f32 or f64 input and weight of one dtype, \
-                 got {:?} and {:?}; use --conv candle for other dtypes",
-                s1.dtype(),
-                s2.dtype()
-            );
-        }
         Ok((dispatch2(s1, l1, s2, l2, &(self, g))?, shape))
     }
 
@@ -250,7 +239,8 @@ fn dispatch2(
             slice(s2, l2, "second operand")?,
         )?),
         _ => bail!(
-            "conv2d: expected f32 or f64 operands of one dtype, got {:?} and {:?}",
+            "conv2d: the fast convolution takes f32 or f64 operands of one dtype, got {:?} and \
+             {:?}; use --conv candle for other dtypes",
             s1.dtype(),
             s2.dtype()
         ),

@@ -321,6 +321,20 @@ fn bad_shapes_are_named() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("input is F64 but the weight is F32"), "{e}");
+    let half = |t: &Tensor| t.to_dtype(DType::F16).unwrap();
+    let e = conv2d_with(
+        &half(&random(&[2, 3, 8, 8], 1, DType::F32)),
+        &half(&w),
+        None,
+        d,
+        ConvImpl::Fast,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("f32 or f64") && e.contains("--conv candle"),
+        "{e}"
+    );
 }
 
 #[test]
