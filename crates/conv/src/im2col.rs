@@ -91,34 +91,29 @@ impl Geometry {
     }
 
     /// For stride-1 geometries as wide as their input, where an output position and the input
-    /// position it reads at one tap differ by a constant: per kernel tap, that constant, the
-    /// span of output positions that read the input, each (tap, sample) block then being one
-    /// contiguous copy, and the positions that read padding, zeroed after the copy (some lie
-    /// inside the span, where the copy wrapped round a row's edge).
-    fn shifts(&self) -> Vec<Shift> {
+    /// position it reads at one tap differ by a constant: per kernel tap, that constant and
+    /// which output positions read the input (the others read padding, some of them where the
+    /// shift wraps round a row's edge), as a byte mask for values of `value_bytes` bytes.
+    fn shifts(&self, value_bytes: usize) -> Vec<Shift> {
         self.tap_tables()
             .chunks_exact(self.p().max(1))
             .map(|tap| {
-                let padding = (0..tap.len()).filter(|&j| tap[j] == PADDING).collect();
-                let Some(a) = tap.iter().position(|&i| i != PADDING) else {
-                    return Shift {
-                        span: 0..0,
-                        delta: 0,
-                        padding,
-                    };
-                };
-                let b = tap
+                let delta = tap
                     .iter()
-                    .rposition(|&i| i != PADDING)
-                    .map_or(a, |last| last + 1);
-                let delta = tap[a] as isize - a as isize;
-                debug_assert!(
-                    (a..b).all(|j| tap[j] == PADDING || tap[j] as isize == j as isize + delta)
-                );
+                    .enumerate()
+                    .find(|&(_, &i)| i != PADDING)
+                    .map_or(0, |(j, &i)| i as isize - j as isize);
+                debug_assert!(tap
+                    .iter()
+                    .enumerate()
+                    .all(|(j, &i)| i == PADDING || i as isize == j as isize + delta));
+                let byte = |&i: &usize| if i == PADDING { 0 } else { u8::MAX };
                 Shift {
-                    span: a..b,
                     delta,
-                    padding,
+                    mask: tap
+                        .iter()
+                        .flat_map(|i| std::iter::repeat_n(byte(i), value_bytes))
+                        .collect(),
                 }
             })
             .collect()
@@ -127,9 +122,32 @@ impl Geometry {
 
 /// One kernel tap of a stride-1 geometry as wide as its input (see [`Geometry::shifts`]).
 struct Shift {
-    span: std::ops::Range<usize>,
+    /// Input index in a plane minus output index.
     delta: isize,
-    padding: Vec<usize>,
+    /// Per output position, `size_of::<T>()` bytes: all ones where it reads the input, zero
+    /// where it reads padding (see [`select`]).
+    mask: Vec<u8>,
+}
+
+/// `src` where `mask` is all ones and zero where it is zero, as a bytewise AND (`size_of::<T>()`
+/// mask bytes per value; all-zero bytes are zero in every dtype). One loop the compiler
+/// vectorizes: on 4×4 planes a memcpy per short block plus a pass for the padding cost 8%
+/// more of a convolution layer's forward+backward.
+#[inline]
+fn select<T: WithDType>(dst: &mut [MaybeUninit<T>], src: &[T], mask: &[u8]) {
+    let bytes = std::mem::size_of_val(src);
+    assert!(dst.len() == src.len() && mask.len() == bytes);
+    // SAFETY: candle's dtypes are plain numbers without padding bytes, so `src`'s bytes are
+    // initialized; `dst` is writable for as many bytes, and every one of them is written.
+    let (src, dst) = unsafe {
+        (
+            std::slice::from_raw_parts(src.as_ptr().cast::<u8>(), bytes),
+            std::slice::from_raw_parts_mut(dst.as_mut_ptr().cast::<u8>(), bytes),
+        )
+    };
+    for ((d, &s), &m) in dst.iter_mut().zip(src).zip(mask) {
+        *d = s & m;
+    }
 }
 
 /// A vector of `len` values, every one of them written by `fill` (which must write them all).
@@ -182,7 +200,7 @@ pub fn im2col<T: WithDType>(x: &[T], g: &Geometry) -> Vec<T> {
     let (p, np) = (g.p(), g.n * g.p());
     let plane_len = g.h * g.w;
     let tables = (g.stride > 1).then(|| g.tap_tables());
-    let shifts = (g.stride == 1 && g.ow == g.w).then(|| g.shifts());
+    let shifts = (g.stride == 1 && g.ow == g.w).then(|| g.shifts(std::mem::size_of::<T>()));
     filled(g.k() * np, |cols| {
         cols.par_chunks_mut(np)
             .with_min_len(min_len(np))
@@ -190,20 +208,24 @@ pub fn im2col<T: WithDType>(x: &[T], g: &Geometry) -> Vec<T> {
             .for_each(|(k, row)| {
                 let (ci, kk) = (k / (g.kh * g.kw), k % (g.kh * g.kw));
                 if let Some(shifts) = &shifts {
-                    let Shift {
-                        span,
-                        delta,
-                        padding,
-                    } = &shifts[kk];
-                    let first = ci * plane_len + (span.start as isize + delta) as usize;
-                    let sample_len = g.c_in * plane_len;
+                    let Shift { delta, mask } = &shifts[kk];
                     for (n, out) in row.chunks_exact_mut(p).enumerate() {
-                        copy(
-                            &mut out[span.clone()],
-                            &x[n * sample_len + first..][..span.len()],
-                        );
-                        for &j in padding {
-                            out[j].write(T::zero());
+                        // Input index of output position 0. Positions that read padding may
+                        // reach outside the plane and, in the first and last planes, outside
+                        // x: there the block is taken one position at a time.
+                        let start = ((n * g.c_in + ci) * plane_len) as isize + delta;
+                        match usize::try_from(start).ok().and_then(|s| x.get(s..s + p)) {
+                            Some(src) => select(out, src, mask),
+                            None => {
+                                let reads = mask.iter().step_by(std::mem::size_of::<T>());
+                                for (j, (d, &r)) in out.iter_mut().zip(reads).enumerate() {
+                                    d.write(if r == 0 {
+                                        T::zero()
+                                    } else {
+                                        x[(start + j as isize) as usize]
+                                    });
+                                }
+                            }
                         }
                     }
                     return;
