@@ -95,25 +95,20 @@ impl Geometry {
     /// which output positions read the input (the others read padding, some of them where the
     /// shift wraps round a row's edge), as a byte mask for values of `value_bytes` bytes.
     fn shifts(&self, value_bytes: usize) -> Vec<Shift> {
-        self.tap_tables()
-            .chunks_exact(self.p().max(1))
-            .map(|tap| {
-                let delta = tap
-                    .iter()
-                    .enumerate()
-                    .find(|&(_, &i)| i != PADDING)
-                    .map_or(0, |(j, &i)| i as isize - j as isize);
-                debug_assert!(tap
-                    .iter()
-                    .enumerate()
-                    .all(|(j, &i)| i == PADDING || i as isize == j as isize + delta));
-                let byte = |&i: &usize| if i == PADDING { 0 } else { u8::MAX };
+        let (p, d, pad) = (self.p(), self.dilation as isize, self.padding as isize);
+        (0..self.kh * self.kw)
+            .map(|kk| {
+                let (ky, kx) = (kk / self.kw, kk % self.kw);
+                let (ylo, yhi, _) = self.valid_range(ky, self.h, self.oh);
+                let (lo, hi, _) = self.valid_range(kx, self.w, self.ow);
+                let mut mask = vec![0; p * value_bytes];
+                for oy in ylo..yhi {
+                    mask[(oy * self.ow + lo) * value_bytes..(oy * self.ow + hi) * value_bytes]
+                        .fill(u8::MAX);
+                }
                 Shift {
-                    delta,
-                    mask: tap
-                        .iter()
-                        .flat_map(|i| std::iter::repeat_n(byte(i), value_bytes))
-                        .collect(),
+                    delta: (ky as isize * d - pad) * self.w as isize + kx as isize * d - pad,
+                    mask,
                 }
             })
             .collect()
@@ -209,24 +204,26 @@ pub fn im2col<T: WithDType>(x: &[T], g: &Geometry) -> Vec<T> {
                 let (ci, kk) = (k / (g.kh * g.kw), k % (g.kh * g.kw));
                 if let Some(shifts) = &shifts {
                     let Shift { delta, mask } = &shifts[kk];
+                    let value_bytes = std::mem::size_of::<T>();
                     for (n, out) in row.chunks_exact_mut(p).enumerate() {
                         // Input index of output position 0. Positions that read padding may
                         // reach outside the plane and, in the first and last planes, outside
-                        // x: there the block is taken one position at a time.
+                        // x: only positions lo..hi are read, the others are padding.
                         let start = ((n * g.c_in + ci) * plane_len) as isize + delta;
-                        match usize::try_from(start).ok().and_then(|s| x.get(s..s + p)) {
-                            Some(src) => select(out, src, mask),
-                            None => {
-                                let reads = mask.iter().step_by(std::mem::size_of::<T>());
-                                for (j, (d, &r)) in out.iter_mut().zip(reads).enumerate() {
-                                    d.write(if r == 0 {
-                                        T::zero()
-                                    } else {
-                                        x[(start + j as isize) as usize]
-                                    });
-                                }
-                            }
+                        let lo = (-start).clamp(0, p as isize) as usize;
+                        let hi = (x.len() as isize - start).clamp(lo as isize, p as isize) as usize;
+                        debug_assert!(mask[..lo * value_bytes].iter().all(|&m| m == 0));
+                        debug_assert!(mask[hi * value_bytes..].iter().all(|&m| m == 0));
+                        if lo < hi {
+                            let first = (start + lo as isize) as usize;
+                            select(
+                                &mut out[lo..hi],
+                                &x[first..first + (hi - lo)],
+                                &mask[lo * value_bytes..hi * value_bytes],
+                            );
                         }
+                        zero(&mut out[..lo]);
+                        zero(&mut out[hi..]);
                     }
                     return;
                 }

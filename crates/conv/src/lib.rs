@@ -4,8 +4,12 @@
 //! for the first layer, whose input needs none) and a convolution over transposed tensors for the
 //! weight gradient. Here the convolution is a candle custom op with its own backward:
 //! - forward: im2col, then one matmul `W (O, K) @ cols (K, N·P)` for the whole batch;
-//! - weight gradient: one matmul `dY (O, N·P) @ colsᵀ` (the columns recomputed, not kept);
+//! - weight gradient: one matmul `dY (O, N·P) @ colsᵀ`, with the forward's columns where they
+//!   are at most 2.25× the input (strided and 1×1 layers), else recomputed;
 //! - input gradient: one matmul `Wᵀ @ dY`, then col2im; skipped when the input needs none.
+//!   With stride 1 it is instead a convolution of dY with the flipped kernel (im2col of dY,
+//!   one matmul), and those columns of dY give the weight gradient too, as one matmul with
+//!   x: one im2col for the whole backward, none kept.
 //!
 //! [`ConvImpl::Candle`] keeps candle's own `conv2d` as the baseline, and is what runs on devices
 //! other than the CPU.

@@ -12,6 +12,9 @@ use std::sync::Mutex;
 /// y = conv(x, w), without bias; arguments x (N, C, H, W) and w (O, C, kH, kW).
 pub struct Conv2dOp {
     cfg: Conv2dConfig,
+    /// Keep the forward's columns whatever their size: for the stride-1 backward's transposed
+    /// convolution, whose columns give the weight gradient.
+    keep_columns: bool,
     /// The forward's columns, kept for the weight gradient where they are small (see
     /// [`keeps_columns`]); the backward takes them.
     cols: Mutex<Option<Tensor>>,
@@ -21,6 +24,7 @@ impl Conv2dOp {
     pub fn new(cfg: Conv2dConfig) -> Self {
         Self {
             cfg,
+            keep_columns: false,
             cols: Mutex::new(None),
         }
     }
@@ -30,7 +34,7 @@ impl Conv2dOp {
         let c_out = w.len() / k.max(1);
         let cols = im2col(x, g);
         let y = gemm::forward(w, &cols, c_out, k, np);
-        if keeps_columns(g) {
+        if self.keep_columns || keeps_columns(g) {
             *self.cols.lock().unwrap_or_else(|e| e.into_inner()) =
                 Some(Tensor::from_vec(cols, (k, np), &Device::Cpu)?);
         }
@@ -41,8 +45,10 @@ impl Conv2dOp {
 /// Whether the forward keeps its columns for the backward, which then skips one im2col: where
 /// they hold at most 2.25× the input's values (kH·kW·OH·OW ≤ 2.25·H·W: 3×3 kernels with
 /// stride 2, 1×1 kernels), not for stride-1 3×3 layers, whose columns are 9× their input.
+/// Stride-1 layers whose input gradient is a convolution take the weight gradient from that
+/// convolution's columns (see [`Conv2dOp::stride1_bwd`]) and keep none.
 fn keeps_columns(g: &Geometry) -> bool {
-    4 * g.kh * g.kw * g.p() <= 9 * g.h * g.w
+    4 * g.kh * g.kw * g.p() <= 9 * g.h * g.w && transposed_as_convolution(g).is_none()
 }
 
 /// The contiguous data of a storage, or an error for strided or unsupported inputs.
@@ -78,6 +84,9 @@ impl CustomOp2 for Conv2dOp {
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let g = geometry(x.dims(), w.dims(), self.cfg)?;
+        if let (true, Some(cfg)) = (x.track_op(), transposed_as_convolution(&g)) {
+            return self.stride1_bwd(x, w, dy, &g, cfg);
+        }
         let (c_out, np) = (w.dim(0)?, g.n * g.p());
         // dY as (O, N·P), the layout of the matmuls.
         let dy_rows = dy
@@ -85,8 +94,7 @@ impl CustomOp2 for Conv2dOp {
             .apply_op1_no_bwd(&Reshape::SwapOuter(g.n, c_out, g.p()))?
             .reshape((c_out, np))?;
         let dw = if w.track_op() {
-            let kept = self.cols.lock().unwrap_or_else(|e| e.into_inner()).take();
-            let dw = match kept {
+            let dw = match self.take_columns() {
                 Some(cols) => {
                     dy_rows.apply_op2_no_bwd(&cols, &Products::WeightGradFromColumns(g))?
                 }
@@ -96,26 +104,65 @@ impl CustomOp2 for Conv2dOp {
         } else {
             None
         };
-        let dx = match (x.track_op(), transposed_as_convolution(&g)) {
-            (false, _) => None,
-            (true, Some(cfg)) => {
-                // Stride 1: the input gradient is itself a convolution of dY with the kernel
-                // flipped in space and transposed in channels, which im2col + matmul do
-                // faster than matmul + col2im.
-                let w_t = w.detach().apply_op1_no_bwd(&Reshape::FlipTranspose)?;
-                Some(
-                    dy.contiguous()?
-                        .apply_op2_no_bwd(&w_t, &Conv2dOp::new(cfg))?,
-                )
-            }
-            (true, None) => {
-                let dcols = w
-                    .detach()
-                    .apply_op2_no_bwd(&dy_rows, &Products::ColsGrad(g))?;
-                Some(dcols.apply_op1_no_bwd(&Reshape::Col2Im(g))?)
-            }
+        let dx = if x.track_op() {
+            let dcols = w
+                .detach()
+                .apply_op2_no_bwd(&dy_rows, &Products::ColsGrad(g))?;
+            Some(dcols.apply_op1_no_bwd(&Reshape::Col2Im(g))?)
+        } else {
+            None
         };
         Ok((dx, dw))
+    }
+}
+
+impl Conv2dOp {
+    /// The backward of a stride-1 layer whose input needs a gradient. That gradient is itself
+    /// a convolution, of dY with the kernel flipped in space and transposed in channels (`cfg`),
+    /// which im2col + matmul do faster than matmul + col2im. That convolution's columns, dY's,
+    /// then give the weight gradient too, as the product with x:
+    /// dW[o, c, y, x] = Σ cols_dY[(o, kH − 1 − y, kW − 1 − x), (n, q)] · x[n, c, q],
+    /// which is the transposed convolution's own weight gradient for output gradient x, flipped
+    /// and transposed back. One im2col for the whole backward, and no columns kept.
+    fn stride1_bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        dy: &Tensor,
+        g: &Geometry,
+        cfg: Conv2dConfig,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let w_t = w.detach().apply_op1_no_bwd(&Reshape::FlipTranspose)?;
+        let transposed = Conv2dOp {
+            cfg,
+            keep_columns: true,
+            cols: Mutex::new(None),
+        };
+        let dy = dy.contiguous()?;
+        let dx = dy.apply_op2_no_bwd(&w_t, &transposed)?;
+        let dw = if w.track_op() {
+            let g_t = geometry(dy.dims(), w_t.dims(), cfg)?;
+            let Some(cols) = transposed.take_columns() else {
+                bail!("conv2d backward: the transposed convolution kept no columns")
+            };
+            let x_rows = x
+                .detach()
+                .contiguous()?
+                .apply_op1_no_bwd(&Reshape::SwapOuter(g.n, g.c_in, g.h * g.w))?
+                .reshape((g.c_in, g.n * g.h * g.w))?;
+            let dw_t = x_rows.apply_op2_no_bwd(&cols, &Products::WeightGradFromColumns(g_t))?;
+            Some(
+                dw_t.reshape(w_t.shape())?
+                    .apply_op1_no_bwd(&Reshape::FlipTranspose)?,
+            )
+        } else {
+            None
+        };
+        Ok((Some(dx), dw))
+    }
+
+    fn take_columns(&self) -> Option<Tensor> {
+        self.cols.lock().unwrap_or_else(|e| e.into_inner()).take()
     }
 }
 
@@ -349,7 +396,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn columns_are_kept_for_strided_and_pointwise_layers_only() {
+    fn columns_are_kept_for_strided_layers_only() {
         let keeps = |x: [usize; 4], k: usize, stride: usize| {
             let cfg = Conv2dConfig {
                 stride,
@@ -360,7 +407,8 @@ mod tests {
         };
         assert!(keeps([3, 4, 8, 6], 3, 2));
         assert!(keeps([3, 4, 8, 6], 1, 2));
-        assert!(keeps([3, 4, 8, 6], 1, 1));
+        // Stride 1: the weight gradient comes from the transposed convolution's columns.
+        assert!(!keeps([3, 4, 8, 6], 1, 1));
         assert!(!keeps([3, 4, 8, 6], 3, 1));
         assert!(!keeps([3, 4, 7, 6], 3, 2)); // 4×3 outputs: 108 values per channel > 2.25 · 42
     }

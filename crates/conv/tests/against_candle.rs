@@ -302,6 +302,54 @@ fn no_input_gradient_when_the_input_needs_none() {
     assert!(grads.get(w.as_tensor()).is_some());
 }
 
+/// The backward takes different paths by which operand needs a gradient (stride 1: the weight
+/// gradient from dY's columns when the input gradient is computed, from x's otherwise): each
+/// gradient alone must still be the definition's.
+#[test]
+fn each_gradient_alone_matches_the_definition() {
+    for (stride, kernel) in [(1, 3), (1, 1), (2, 3), (1, 2)] {
+        let case = Case {
+            x: vec![2, 3, 7, 6],
+            w: vec![4, 3, kernel, kernel],
+            cfg: Conv2dConfig {
+                stride,
+                padding: kernel / 2,
+                dilation: 1,
+            },
+        };
+        let want = direct(&case, DType::F64);
+        let r = random(want[0].dims(), 4, DType::F64);
+        let (x, w) = (
+            random(&case.x, 1, DType::F64),
+            random(&case.w, 2, DType::F64),
+        );
+        for (x_grad, w_grad) in [(true, false), (false, true)] {
+            let xv = Var::from_tensor(&x).unwrap();
+            let wv = Var::from_tensor(&w).unwrap();
+            let xt = if x_grad {
+                xv.as_tensor().clone()
+            } else {
+                x.clone()
+            };
+            let wt = if w_grad {
+                wv.as_tensor().clone()
+            } else {
+                w.clone()
+            };
+            let y = conv2d_with(&xt, &wt, None, case.cfg, ConvImpl::Fast).unwrap();
+            let grads = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            let (dx, dw) = (grads.get(xv.as_tensor()), grads.get(wv.as_tensor()));
+            assert_eq!((dx.is_some(), dw.is_some()), (x_grad, w_grad), "{case:?}");
+            if let Some(dx) = dx {
+                assert_close(&format!("{case:?} dx alone"), dx, &want[1], 1e-10);
+            }
+            if let Some(dw) = dw {
+                assert_close(&format!("{case:?} dweight alone"), dw, &want[2], 1e-10);
+            }
+        }
+    }
+}
+
 #[test]
 fn bad_shapes_are_named() {
     let w = random(&[4, 3, 3, 3], 2, DType::F32);
@@ -359,9 +407,10 @@ fn results_do_not_depend_on_the_thread_count() {
     assert_eq!(with_threads(1), with_threads(2));
 }
 
-/// Stride 1 takes two special paths: im2col's block copy when the output is as wide as the
-/// input, and the input gradient as a convolution with the flipped kernel when the kernel is
-/// square and padding ≤ dilation·(k − 1). Every small geometry, on both sides of each condition.
+/// Stride 1 takes two special paths: im2col's masked block copy when the output is as wide as
+/// the input, and, when the kernel is square and padding ≤ dilation·(k − 1), the input gradient
+/// as a convolution with the flipped kernel whose columns also give the weight gradient. Every
+/// small geometry, on both sides of each condition.
 #[test]
 fn stride_one_geometries_exhaustively() {
     for (h, w) in [(1, 1), (2, 5), (5, 5), (6, 3)] {
