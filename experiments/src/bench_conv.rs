@@ -1,6 +1,7 @@
 //! `bench-conv`: the fast convolution against candle's `conv2d` on the default model's layers,
 //! and a whole training step of the model with each, printed as markdown tables.
 
+use crate::bench_norms::measure_pair;
 use crate::model::{ModelConfig, ResNet};
 use crate::train::{optimizer, train_step, TrainConfig};
 use anyhow::Result;
@@ -16,7 +17,7 @@ pub struct BenchArgs {
     /// Batch sizes to time.
     #[arg(long, value_delimiter = ',', default_value = "32,2")]
     batch_sizes: Vec<usize>,
-    /// Minimum measuring time per cell, in seconds.
+    /// Minimum measuring time per comparison (the two convolutions' calls alternate), in seconds.
     #[arg(long, default_value_t = 0.5)]
     min_time: f64,
 }
@@ -111,7 +112,8 @@ fn matmul_gflops(min_time: f64) -> Result<f64> {
     Ok(2.0 * (n * n * n) as f64 / t / 1e9)
 }
 
-fn step_time(b: usize, kind: ConvImpl, min_time: f64) -> Result<f64> {
+/// One training step of the default model (bn) with convolution `kind`, as a closure to time.
+fn step_case(b: usize, kind: ConvImpl) -> Result<impl FnMut() -> Result<()>> {
     let varmap = VarMap::new();
     let model = ResNet::new(ModelConfig::default(), 3, 10, "bn", kind, &varmap, 0)?;
     let cfg = TrainConfig {
@@ -131,7 +133,7 @@ fn step_time(b: usize, kind: ConvImpl, min_time: f64) -> Result<f64> {
         b,
         &Device::Cpu,
     )?;
-    time(min_time, || {
+    Ok(move || {
         train_step(&model, &mut sgd, &x, &y, 0.01)?;
         Ok(())
     })
@@ -149,7 +151,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
         println!(
             "f32, {} thread(s), default model (resnet width 16) on 16×16 images. Reference: a \
              1024³ f32 matmul runs at {peak:.1} GFLOP/s here. Forward+backward computes the input \
-             gradient for every layer but the stem, as in training.\n",
+             gradient for every layer but the stem, as in training. Each comparison times the two \
+             convolutions' calls alternating (medians), so that drift in the machine's speed hits \
+             both alike.\n",
             args.threads
         );
         println!("| layer | B | fwd fast (ms) | fwd candle (ms) | speed-up | fwd+bwd fast (ms) | fwd+bwd candle (ms) | speed-up | fast fwd+bwd GFLOP/s | % of matmul |");
@@ -157,9 +161,16 @@ pub fn run(args: BenchArgs) -> Result<()> {
         let (mut total_fast, mut total_candle) = (0.0, 0.0);
         for &b in &args.batch_sizes {
             for layer in layers(16) {
-                let t = |kind, bwd| -> Result<f64> { time(args.min_time, conv_case(&layer, b, kind, bwd)?) };
-                let (ff, fc) = (t(ConvImpl::Fast, false)?, t(ConvImpl::Candle, false)?);
-                let (bf, bc) = (t(ConvImpl::Fast, true)?, t(ConvImpl::Candle, true)?);
+                // Each speed-up from calls of the two convolutions alternating, so that drift in
+                // the machine's speed hits both alike.
+                let t = |bwd| -> Result<(f64, f64)> {
+                    measure_pair(
+                        args.min_time,
+                        conv_case(&layer, b, ConvImpl::Fast, bwd)?,
+                        conv_case(&layer, b, ConvImpl::Candle, bwd)?,
+                    )
+                };
+                let ((ff, fc), (bf, bc)) = (t(false)?, t(true)?);
                 if b == 32 {
                     total_fast += bf;
                     total_candle += bc;
@@ -180,7 +191,11 @@ pub fn run(args: BenchArgs) -> Result<()> {
         println!("| B | step, fast conv (ms) | step, candle conv (ms) | speed-up |");
         println!("|---:|---:|---:|---:|");
         for &b in &args.batch_sizes {
-            let (f, c) = (step_time(b, ConvImpl::Fast, args.min_time)?, step_time(b, ConvImpl::Candle, args.min_time)?);
+            let (f, c) = measure_pair(
+                args.min_time,
+                step_case(b, ConvImpl::Fast)?,
+                step_case(b, ConvImpl::Candle)?,
+            )?;
             println!("| {b} | {:.2} | {:.2} | {:.1}× |", f * 1e3, c * 1e3, c / f);
         }
         Ok(())

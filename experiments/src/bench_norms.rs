@@ -65,8 +65,7 @@ pub fn measure(min_time: f64, mut f: impl FnMut() -> Result<()>) -> Result<(f64,
         samples.push(secs);
         peak = peak.max(bytes);
     }
-    samples.sort_by(|a, b| a.total_cmp(b));
-    Ok((samples[samples.len() / 2], peak))
+    Ok((median(samples), peak))
 }
 
 /// A normalization layer under test: normbench's (fused or reference) or candle-nn's.
@@ -152,25 +151,53 @@ struct Timing {
     mem_net: usize,
 }
 
-/// Median seconds per call of `f` less a call of `base`, the two alternating so that drift in
-/// the machine's speed hits both alike; and the peaks of `f` and `base`.
+/// Timed calls of `a` and `b` alternating, so that drift in the machine's speed hits both
+/// alike: (seconds, peak bytes) of each call, over at least 5 pairs and `min_time` seconds,
+/// after one warm-up call of each.
+pub fn alternate(
+    min_time: f64,
+    mut a: impl FnMut() -> Result<()>,
+    mut b: impl FnMut() -> Result<()>,
+) -> Result<Vec<[(f64, usize); 2]>> {
+    a()?;
+    b()?;
+    let mut pairs = Vec::new();
+    let start = Instant::now();
+    while pairs.len() < 5 || start.elapsed().as_secs_f64() < min_time {
+        pairs.push([sample(&mut a)?, sample(&mut b)?]);
+    }
+    Ok(pairs)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// Median seconds per call of `a` and of `b`, timed alternating (see [`alternate`]).
+pub fn measure_pair(
+    min_time: f64,
+    a: impl FnMut() -> Result<()>,
+    b: impl FnMut() -> Result<()>,
+) -> Result<(f64, f64)> {
+    let pairs = alternate(min_time, a, b)?;
+    Ok((
+        median(pairs.iter().map(|p| p[0].0).collect()),
+        median(pairs.iter().map(|p| p[1].0).collect()),
+    ))
+}
+
+/// Median seconds per call of `f` less a call of `base`, the two alternating (see
+/// [`alternate`]); and the peaks of `f` and `base`.
 fn measure_net(
     min_time: f64,
-    mut base: impl FnMut() -> Result<()>,
-    mut f: impl FnMut() -> Result<()>,
+    base: impl FnMut() -> Result<()>,
+    f: impl FnMut() -> Result<()>,
 ) -> Result<(f64, usize, usize)> {
-    base()?;
-    f()?;
-    let (mut diffs, mut peak_base, mut peak_f) = (Vec::new(), 0, 0);
-    let start = Instant::now();
-    while diffs.len() < 5 || start.elapsed().as_secs_f64() < min_time {
-        let (tb, mb) = sample(&mut base)?;
-        let (tf, mf) = sample(&mut f)?;
-        diffs.push(tf - tb);
-        (peak_base, peak_f) = (peak_base.max(mb), peak_f.max(mf));
-    }
-    diffs.sort_by(|a, b| a.total_cmp(b));
-    Ok((diffs[diffs.len() / 2], peak_f, peak_base))
+    let pairs = alternate(min_time, base, f)?;
+    let peak = |i: usize| pairs.iter().map(|p| p[i].1).max().unwrap_or(0);
+    let net = median(pairs.iter().map(|[b, f]| f.0 - b.0).collect());
+    Ok((net, peak(1), peak(0)))
 }
 
 fn fwd_bwd(layer: &Layer, x: &Var, r: &Tensor) -> Result<()> {
