@@ -35,14 +35,18 @@ struct Geom {
     c: usize,
     s: usize,
     sets: Sets,
-    /// Whether BatchNorm's passes prefetch the runs they read next (see [`prefetch`]).
-    prefetch: bool,
+    /// BatchNorm on a large input: its passes prefetch the runs they read next (see
+    /// [`prefetch`]) and its forward writes y with non-temporal stores (see [`stream_copy`]).
+    streaming: bool,
 }
 
-/// Values from which BatchNorm's passes prefetch (16 MiB of f32): at (32, 64, 56, 56), 25.7 MB,
-/// it took 12% off the forward+backward through autograd; at 1.6–4.2 MB, where x stays in
-/// cache from one call to the next, the prefetch instructions cost 10–20%.
-const PREFETCH_MIN_VALUES: usize = 1 << 22;
+/// Values from which BatchNorm streams (16 MiB of f32). At (32, 64, 56, 56), 25.7 MB, the
+/// prefetches took 12% off the forward+backward through autograd and the non-temporal stores
+/// another 10%; at 1.6–4.2 MB, where x and y stay in cache from one call to the next, the
+/// prefetch instructions cost 10–20%. (GroupNorm, LayerNorm and InstanceNorm read each set as
+/// one stretch of memory, which the hardware prefetcher follows; the non-temporal stores made
+/// their forward alone slower at (32, 64, 56, 56) and their forward+backward no faster.)
+const STREAMING_MIN_VALUES: usize = 1 << 22;
 
 impl Geom {
     fn new(dims: &[usize], sets: Sets) -> Result<Self> {
@@ -55,7 +59,7 @@ impl Geom {
             c,
             s,
             sets,
-            prefetch: sets == Sets::Channels && n * c * s >= PREFETCH_MIN_VALUES,
+            streaming: sets == Sets::Channels && n * c * s >= STREAMING_MIN_VALUES,
         };
         if let Sets::Groups(g) = sets {
             if g == 0 || c % g != 0 {
@@ -98,14 +102,14 @@ impl Geom {
     /// if any. While one run is summed, the next comes in (see [`prefetch`]).
     #[inline(always)]
     fn next_sample_run(&self, off: usize, n: usize) -> Option<usize> {
-        (self.prefetch && n + 1 < self.n).then_some(off + self.c * self.s)
+        (self.streaming && n + 1 < self.n).then_some(off + self.c * self.s)
     }
 
     /// For BatchNorm: the offset of the same sample's run in the next channel, if any. While
     /// one channel's second pass reads its runs from cache, the next channel's come in.
     #[inline(always)]
     fn next_channel_run(&self, off: usize, ch: usize) -> Option<usize> {
-        (self.prefetch && ch + 1 < self.c).then_some(off + self.s)
+        (self.streaming && ch + 1 < self.c).then_some(off + self.s)
     }
 
     /// Sets per rayon task, so that no task is too small to be worth a thread.
@@ -197,16 +201,75 @@ fn normalize_set<T: Float>(
     for (off, _, ch) in g.runs(set) {
         // SAFETY: runs of different sets never overlap.
         let dst = unsafe { out.slice(off, g.s) };
-        let a = rstd * w[ch].widen();
-        lanes::affine_into(&x[off..off + g.s], dst, mean, a, b[ch].widen());
+        let (xs, a, b) = (&x[off..off + g.s], rstd * w[ch].widen(), b[ch].widen());
+        if g.streaming {
+            // Through a buffer in L1, then to memory without reading y's lines first.
+            let mut buf = [MaybeUninit::<T>::uninit(); STREAM_CHUNK];
+            for (xc, dc) in xs.chunks(STREAM_CHUNK).zip(dst.chunks_mut(STREAM_CHUNK)) {
+                let tmp = &mut buf[..xc.len()];
+                lanes::affine_into(xc, tmp, mean, a, b);
+                stream_copy(tmp, dc);
+            }
+        } else {
+            lanes::affine_into(xs, dst, mean, a, b);
+        }
         if let Some(next) = g.next_channel_run(off, ch) {
             prefetch(x[next..].as_ptr(), g.s);
         }
     }
+    if g.streaming {
+        store_fence();
+    }
+}
+
+/// Values per chunk of the streamed output: a few KiB, in L1.
+const STREAM_CHUNK: usize = 512;
+
+/// Copies `src` to `dst` (same length), with non-temporal stores for the 16-byte-aligned
+/// middle: a plain store to memory not in cache first reads the line it writes to, which for a
+/// large output is a third of the forward's memory traffic. Followed by [`store_fence`] before
+/// anyone reads `dst`.
+#[inline(always)]
+fn stream_copy<T>(src: &[MaybeUninit<T>], dst: &mut [MaybeUninit<T>]) {
+    assert_eq!(src.len(), dst.len());
+    let bytes = std::mem::size_of_val(src);
+    let (s, d) = (src.as_ptr().cast::<u8>(), dst.as_mut_ptr().cast::<u8>());
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: every access is to the first `bytes` bytes of `src` or `dst`, which do not
+    // overlap (one is borrowed mutably); the streamed stores are 16-byte aligned, as
+    // `_mm_stream_si128` needs; SSE2 is part of x86-64.
+    unsafe {
+        use std::arch::x86_64::{__m128i, _mm_loadu_si128, _mm_stream_si128};
+        let head = d.align_offset(16).min(bytes);
+        std::ptr::copy_nonoverlapping(s, d, head);
+        let mut i = head;
+        while i + 16 <= bytes {
+            let v = _mm_loadu_si128(s.add(i).cast::<__m128i>());
+            _mm_stream_si128(d.add(i).cast::<__m128i>(), v);
+            i += 16;
+        }
+        std::ptr::copy_nonoverlapping(s.add(i), d.add(i), bytes - i);
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    // SAFETY: as above.
+    unsafe {
+        std::ptr::copy_nonoverlapping(s, d, bytes);
+    }
+}
+
+/// Orders the non-temporal stores before everything after: the task's results are then
+/// visible to the thread that joins it.
+#[inline(always)]
+fn store_fence() {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: SSE is part of x86-64.
+    unsafe {
+        std::arch::x86_64::_mm_sfence();
+    }
 }
 
 /// Asks the CPU to start loading `len` values from `ptr` into its L2 cache, for BatchNorm on
-/// large inputs, whose sets are channels read as N runs of S values C·S apart: the hardware
+/// large inputs (see [`STREAMING_MIN_VALUES`]), whose sets are channels read as N runs of S values C·S apart: the hardware
 /// prefetcher follows one run at a time, and through autograd x and dy are no longer in cache
 /// from the call before. Prefetching whole runs ahead (only their first KiB does not help)
 /// overlaps the memory traffic with the work. Changes no value.
@@ -703,11 +766,12 @@ mod tests {
         dx.unwrap()
     }
 
-    /// BatchNorm on a large input prefetches; the prefetches must change no bit of any output,
-    /// and the backward writing over dy must give what it gives elsewhere.
+    /// BatchNorm on a large input prefetches and streams its output; neither may change a bit
+    /// of any output, and the backward writing over dy must give what it gives elsewhere.
     #[test]
-    fn prefetching_changes_no_value() {
-        let (n, c, s) = (3, 5, 280_000);
+    fn streaming_changes_no_value() {
+        // An odd S: runs start off 16-byte alignment, so the streamed copies have heads and tails.
+        let (n, c, s) = (3, 5, 280_001);
         let mut state = 0x2545_f491_4f6c_dd1du64;
         let mut next = || {
             state = state
@@ -722,9 +786,9 @@ mod tests {
         let (w, b): (Vec<f32>, Vec<f32>) =
             ((0..c).map(|i| 0.5 + i as f32).collect(), vec![0.25; c]);
         let on = Geom::new(&[n, c, s], Sets::Channels).unwrap();
-        assert!(on.prefetch);
+        assert!(on.streaming);
         let off = Geom {
-            prefetch: false,
+            streaming: false,
             ..on
         };
         let run = |g: Geom| {
