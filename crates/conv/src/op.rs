@@ -13,7 +13,7 @@ use std::sync::Mutex;
 pub struct Conv2dOp {
     cfg: Conv2dConfig,
     /// Keep the forward's columns whatever their size: for the stride-1 backward's transposed
-    /// convolution, whose columns give the weight gradient.
+    /// convolution, whose columns give the weight gradient when the weight needs one.
     keep_columns: bool,
     /// The forward's columns, kept for the weight gradient where they are small (see
     /// [`keeps_columns`]); the backward takes them.
@@ -121,7 +121,7 @@ impl Conv2dOp {
     /// a convolution, of dY with the kernel flipped in space and transposed in channels (`cfg`),
     /// which im2col + matmul do faster than matmul + col2im. That convolution's columns, dY's,
     /// then give the weight gradient too, as the product with x:
-    /// dW[o, c, y, x] = Σ cols_dY[(o, kH − 1 − y, kW − 1 − x), (n, q)] · x[n, c, q],
+    /// dW[o, c, i, j] = Σ cols_dY[(o, kH − 1 − i, kW − 1 − j), (n, q)] · x[n, c, q],
     /// which is the transposed convolution's own weight gradient for output gradient x, flipped
     /// and transposed back. One im2col for the whole backward, and no columns kept.
     fn stride1_bwd(
@@ -135,7 +135,7 @@ impl Conv2dOp {
         let w_t = w.detach().apply_op1_no_bwd(&Reshape::FlipTranspose)?;
         let transposed = Conv2dOp {
             cfg,
-            keep_columns: true,
+            keep_columns: w.track_op(),
             cols: Mutex::new(None),
         };
         let dy = dy.contiguous()?;

@@ -269,10 +269,10 @@ fn store_fence() {
 }
 
 /// Asks the CPU to start loading `len` values from `ptr` into its L2 cache, for BatchNorm on
-/// large inputs (see [`STREAMING_MIN_VALUES`]), whose sets are channels read as N runs of S values C·S apart: the hardware
-/// prefetcher follows one run at a time, and through autograd x and dy are no longer in cache
-/// from the call before. Prefetching whole runs ahead (only their first KiB does not help)
-/// overlaps the memory traffic with the work. Changes no value.
+/// large inputs (see [`STREAMING_MIN_VALUES`]), whose sets are channels read as N runs of S
+/// values C·S apart: the hardware prefetcher follows one run at a time, and through autograd
+/// x and dy are no longer in cache from the call before. Prefetching whole runs ahead (only
+/// their first KiB does not help) overlaps the memory traffic with the work. Changes no value.
 #[inline(always)]
 fn prefetch<T>(ptr: *const T, len: usize) {
     #[cfg(target_arch = "x86_64")]
