@@ -170,7 +170,8 @@ impl Conv2dOp {
 /// convolution's (the input gradient): padding d·(k − 1) − p, which must not be negative.
 fn transposed_as_convolution(g: &Geometry) -> Option<Conv2dConfig> {
     let span = g.dilation * (g.kh - 1);
-    (g.stride == 1 && g.kh == g.kw && g.padding <= span).then_some(Conv2dConfig {
+    // `then`, not `then_some`: the padding is only worked out where it is not negative.
+    (g.stride == 1 && g.kh == g.kw && g.padding <= span).then(|| Conv2dConfig {
         stride: 1,
         padding: span - g.padding,
         dilation: g.dilation,
