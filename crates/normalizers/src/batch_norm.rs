@@ -78,7 +78,8 @@ impl BatchNorm {
         let out =
             forward::with_batch_stats(x, d, Sets::Channels, self.eps, &self.affine, self.imp)?;
         if let (Some(running), Stats::Train) = (&self.running, stats) {
-            running.update(&out.mean, &(out.var * (m as f64 / (m - 1) as f64))?)?;
+            let (mean, var) = out.stats()?;
+            running.update(&mean, &(var * (m as f64 / (m - 1) as f64))?)?;
         }
         Ok(out.y)
     }

@@ -11,11 +11,30 @@ use candle_core::{DType, Result, Tensor};
 
 /// The output of a forward pass with batch statistics, and those statistics: the mean and
 /// biased variance of every set (C for `Sets::Channels`, N·G for `Sets::Groups`), float64,
-/// detached.
+/// detached, made tensors only when asked for ([`Normalized::stats`]).
 pub struct Normalized {
     pub y: Tensor,
-    pub mean: Tensor,
-    pub var: Tensor,
+    stats: BatchStats,
+}
+
+enum BatchStats {
+    /// The fused op's own, shared.
+    Kernel(kernels::SharedStats),
+    /// The reference ops' mean and variance.
+    Tensors(Tensor, Tensor),
+}
+
+impl Normalized {
+    /// The mean and biased variance of every set, as float64 tensors on y's device.
+    pub fn stats(&self) -> Result<(Tensor, Tensor)> {
+        Ok(match &self.stats {
+            BatchStats::Kernel(s) => (
+                Tensor::from_slice(&s.mean, s.mean.len(), self.y.device())?,
+                Tensor::from_slice(&s.var, s.var.len(), self.y.device())?,
+            ),
+            BatchStats::Tensors(mean, var) => (mean.clone(), var.clone()),
+        })
+    }
 }
 
 fn use_kernels(x: &Tensor, imp: Impl) -> bool {
@@ -59,13 +78,10 @@ pub fn with_batch_stats(
     if use_kernels(x, imp) {
         let dtype = kernel_dtype(x.dtype());
         let (weight, bias) = kernel_affine(affine, d.c, dtype, x)?;
-        let (y, kernels::Stats { mean, var }) =
-            kernels::fused_normalize(&x.to_dtype(dtype)?, &weight, &bias, sets, eps)?;
-        let count = mean.len();
+        let (y, stats) = kernels::fused_normalize(&x.to_dtype(dtype)?, &weight, &bias, sets, eps)?;
         return Ok(Normalized {
             y: y.to_dtype(x.dtype())?,
-            mean: Tensor::from_vec(mean, count, x.device())?,
-            var: Tensor::from_vec(var, count, x.device())?,
+            stats: BatchStats::Kernel(stats),
         });
     }
     let x3 = input::view3(x, d)?;
@@ -76,8 +92,7 @@ pub fn with_batch_stats(
     let flat = |t: Tensor| -> Result<Tensor> { t.detach().flatten_all()?.to_dtype(DType::F64) };
     Ok(Normalized {
         y: input::unview(apply_affine(xhat, affine)?, x)?,
-        mean: flat(mean)?,
-        var: flat(var)?,
+        stats: BatchStats::Tensors(flat(mean)?, flat(var)?),
     })
 }
 

@@ -69,7 +69,8 @@ impl InstanceNorm {
         if let (Some(running), true) = (&self.running, update) {
             let bessel = d.s as f64 / (d.s - 1) as f64;
             let per_sample = |t: Tensor| t.reshape((d.n, d.c))?.mean(0);
-            running.update(&per_sample(out.mean)?, &(per_sample(out.var)? * bessel)?)?;
+            let (mean, var) = out.stats()?;
+            running.update(&per_sample(mean)?, &(per_sample(var)? * bessel)?)?;
         }
         Ok(out.y)
     }

@@ -23,4 +23,4 @@
 mod lanes;
 mod ops;
 
-pub use ops::{fused_backward, fused_normalize, fused_normalize_fixed, Sets, Stats};
+pub use ops::{fused_backward, fused_normalize, fused_normalize_fixed, Sets, SharedStats, Stats};
