@@ -5,7 +5,7 @@
 //! weight gradient. Here the convolution is a candle custom op with its own backward:
 //! - forward: im2col, then one matmul `W (O, K) @ cols (K, N·P)` for the whole batch;
 //! - weight gradient: one matmul `dY (O, N·P) @ colsᵀ`, with the forward's columns where they
-//!   are at most 2.25× the input (strided and 1×1 layers), else recomputed;
+//!   are at most 2.25× the input (3×3 and 1×1 layers with stride 2), else recomputed;
 //! - input gradient: one matmul `Wᵀ @ dY`, then col2im; skipped when the input needs none.
 //!   With stride 1 it is instead a convolution of dY with the flipped kernel (im2col of dY,
 //!   one matmul), and those columns of dY give the weight gradient too, as one matmul with

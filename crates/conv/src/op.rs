@@ -43,10 +43,9 @@ impl Conv2dOp {
 }
 
 /// Whether the forward keeps its columns for the backward, which then skips one im2col: where
-/// they hold at most 2.25× the input's values (kH·kW·OH·OW ≤ 2.25·H·W: 3×3 kernels with
-/// stride 2, 1×1 kernels), not for stride-1 3×3 layers, whose columns are 9× their input.
-/// Stride-1 layers whose input gradient is a convolution take the weight gradient from that
-/// convolution's columns (see [`Conv2dOp::stride1_bwd`]) and keep none.
+/// they hold at most 2.25× the input's values (kH·kW·OH·OW ≤ 2.25·H·W: 3×3 and 1×1 kernels with
+/// stride 2). Stride-1 layers whose input gradient is a convolution take the weight gradient
+/// from that convolution's columns (see [`Conv2dOp::stride1_bwd`]) and keep none.
 fn keeps_columns(g: &Geometry) -> bool {
     4 * g.kh * g.kw * g.p() <= 9 * g.h * g.w && transposed_as_convolution(g).is_none()
 }
