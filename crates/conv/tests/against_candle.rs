@@ -47,6 +47,22 @@ struct Case {
     cfg: Conv2dConfig,
 }
 
+impl Case {
+    /// A square `kernel` over input `x` with `c_out` outputs, `stride`, and "same" padding
+    /// (kernel / 2), no dilation: the model's layers.
+    fn same(x: [usize; 4], c_out: usize, kernel: usize, stride: usize) -> Self {
+        Case {
+            x: x.to_vec(),
+            w: vec![c_out, x[1], kernel, kernel],
+            cfg: Conv2dConfig {
+                stride,
+                padding: kernel / 2,
+                dilation: 1,
+            },
+        }
+    }
+}
+
 fn case() -> impl Strategy<Value = Case> {
     (
         1usize..4,
@@ -308,15 +324,7 @@ fn no_input_gradient_when_the_input_needs_none() {
 #[test]
 fn each_gradient_alone_matches_the_definition() {
     for (stride, kernel) in [(1, 3), (1, 1), (2, 3), (1, 2)] {
-        let case = Case {
-            x: vec![2, 3, 7, 6],
-            w: vec![4, 3, kernel, kernel],
-            cfg: Conv2dConfig {
-                stride,
-                padding: kernel / 2,
-                dilation: 1,
-            },
-        };
+        let case = Case::same([2, 3, 7, 6], 4, kernel, stride);
         let want = direct(&case, DType::F64);
         let r = random(want[0].dims(), 4, DType::F64);
         let (x, w) = (
@@ -443,15 +451,7 @@ fn stride_one_geometries_exhaustively() {
 #[test]
 fn a_second_backward_through_one_graph_gives_the_same_gradients() {
     for (stride, kernel) in [(2, 3), (2, 1), (1, 1), (1, 3)] {
-        let case = Case {
-            x: vec![3, 4, 8, 6],
-            w: vec![5, 4, kernel, kernel],
-            cfg: Conv2dConfig {
-                stride,
-                padding: kernel / 2,
-                dilation: 1,
-            },
-        };
+        let case = Case::same([3, 4, 8, 6], 5, kernel, stride);
         let x = Var::from_tensor(&random(&case.x, 1, DType::F64)).unwrap();
         let w = Var::from_tensor(&random(&case.w, 2, DType::F64)).unwrap();
         let y = conv2d_with(x.as_tensor(), w.as_tensor(), None, case.cfg, ConvImpl::Fast).unwrap();

@@ -363,6 +363,12 @@ fn backward<T: Float>(
         Dy::Overwrite(d) => (SharedMut(d.as_mut_ptr()), needs.dx),
     };
     let m = g.set_len() as f64;
+    // x's and dy's run at `next` (see `Geom::next_sample_run`, `Geom::next_channel_run`).
+    let prefetch_run = |next: usize| {
+        let dy = dyp; // the whole `SharedMut` (which is `Sync`), not its raw pointer
+        prefetch(x[next..].as_ptr(), g.s);
+        prefetch(dy.0.wrapping_add(next).cast_const(), g.s);
+    };
     let pass = |set: usize, out: Option<SharedMut<MaybeUninit<T>>>| {
         let mean = stats.mean[set];
         let rstd = rstd(stats.var[set], eps);
@@ -372,8 +378,7 @@ fn backward<T: Float>(
         if !fixed || needs.dw_db {
             for (off, n, ch) in g.runs(set) {
                 if let Some(next) = g.next_sample_run(off, n) {
-                    prefetch(x[next..].as_ptr(), g.s);
-                    prefetch(dyp.0.wrapping_add(next).cast_const(), g.s);
+                    prefetch_run(next);
                 }
                 let dys = unsafe { dyp.slice_ref(off, g.s) };
                 let (sd, sdx) = lanes::grad_sums(&x[off..off + g.s], dys, mean);
@@ -396,8 +401,7 @@ fn backward<T: Float>(
             let p = rstd * w[ch].widen();
             let xs = &x[off..off + g.s];
             if let Some(next) = g.next_channel_run(off, ch) {
-                prefetch(x[next..].as_ptr(), g.s);
-                prefetch(dyp.0.wrapping_add(next).cast_const(), g.s);
+                prefetch_run(next);
             }
             match out {
                 None => {
