@@ -1,7 +1,7 @@
 //! A counting global allocator, so that benchmarks can report peak memory: the system
 //! allocator plus two atomic counters (bytes in use, and the peak since the last reset).
 //! And [`keep_freed_memory`], which stops glibc from handing tensor-sized blocks back to the
-//! kernel after every step.
+//! kernel after every step; blocks of 4 MiB and more live on huge pages (see [`fresh`]).
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
@@ -21,7 +21,9 @@ fn counted(p: *mut u8, layout: Layout) -> *mut u8 {
 
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        counted(System.alloc(layout), layout)
+        let p = System.alloc(layout);
+        fresh::ask_for_huge_pages(p, layout.size());
+        counted(p, layout)
     }
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
@@ -40,11 +42,13 @@ unsafe impl GlobalAlloc for Counting {
     }
 }
 
-/// Large zeroed blocks (candle's `zeros`, which its backprop allocates for every gradient it
-/// accumulates) as fresh anonymous mappings: their pages read as zeros without anyone writing
-/// them, from the kernel's shared zero huge page (the mapping asks for huge pages), so a
-/// gradient accumulated as zeros + dx reads dx from memory and zeros from cache, and nothing
-/// is memset. Blocks are unmapped when freed. Elsewhere than Linux: not used.
+/// Large blocks (4 MiB and more) on huge pages. Zeroed ones (candle's `zeros`, which its
+/// backprop allocates for every gradient it accumulates) are fresh anonymous mappings: their
+/// pages read as zeros without anyone writing them, from the kernel's shared zero huge page
+/// (the mapping asks for huge pages), so a gradient accumulated as zeros + dx reads dx from
+/// memory and zeros from cache, and nothing is memset; they are unmapped when freed. The others
+/// come from the system allocator and ask for huge pages ([`ask_for_huge_pages`]). Elsewhere
+/// than Linux: neither.
 mod fresh {
     use std::sync::Mutex;
 
@@ -101,6 +105,27 @@ mod fresh {
     #[cfg(not(target_os = "linux"))]
     pub unsafe fn zeroed(_: usize, _: usize) -> *mut u8 {
         std::ptr::null_mut()
+    }
+
+    /// Asks the kernel to back the whole 2 MiB pages inside a large block (`size` ≥
+    /// [`MIN_BYTES`]) from the system allocator with huge pages when they are first touched.
+    /// Linux's usual transparent-huge-page setting (`madvise`) gives 4 KiB pages unless asked,
+    /// and one thread reads 13–14 GB/s from those but 18–19 GB/s from 2 MiB pages on this
+    /// project's machine (the hardware prefetcher and the TLB cover more per page). Pages
+    /// already touched stay as they are; since glibc keeps freed memory (see
+    /// [`super::keep_freed_memory`]), a block reused from the heap usually was asked for
+    /// before. Changes no value, only speed; elsewhere than Linux, nothing.
+    pub unsafe fn ask_for_huge_pages(ptr: *mut u8, size: usize) {
+        #[cfg(target_os = "linux")]
+        if !ptr.is_null() && size >= MIN_BYTES {
+            let start = (ptr as usize).next_multiple_of(HUGE_PAGE);
+            let end = (ptr as usize + size) / HUGE_PAGE * HUGE_PAGE;
+            if end > start {
+                libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE);
+            }
+        }
+        #[cfg(not(target_os = "linux"))]
+        let _ = (ptr, size);
     }
 
     /// Whether `ptr` is a live block from [`zeroed`].
@@ -197,5 +222,44 @@ mod tests {
         assert!(!fresh::release_is_known(v.as_ptr().cast()));
         let small = vec![0f32; 1000];
         assert!(!fresh::release_is_known(small.as_ptr().cast()));
+    }
+
+    /// The kernel's flags for the mapping that holds `addr` (the `VmFlags` line of
+    /// /proc/self/smaps), or None where there is no such file.
+    fn vm_flags(addr: usize) -> Option<Vec<String>> {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").ok()?;
+        let mut inside = false;
+        for line in smaps.lines() {
+            let range = line.split_whitespace().next().and_then(|r| r.split_once('-'));
+            let bounds = range.and_then(|(a, b)| {
+                Some((usize::from_str_radix(a, 16).ok()?, usize::from_str_radix(b, 16).ok()?))
+            });
+            if let Some((a, b)) = bounds.filter(|_| !line.starts_with("VmFlags")) {
+                inside = (a..b).contains(&addr);
+            } else if let (true, Some(flags)) = (inside, line.strip_prefix("VmFlags:")) {
+                return Some(flags.split_whitespace().map(str::to_string).collect());
+            }
+        }
+        None
+    }
+
+    #[test]
+    fn large_blocks_ask_for_huge_pages_and_small_ones_do_not() {
+        let _turn = SERIAL.lock();
+        if !std::path::Path::new("/sys/kernel/mm/transparent_hugepage/enabled").exists() {
+            eprintln!("no transparent huge pages on this system: nothing to check");
+            return;
+        }
+        let n = (3 * fresh::MIN_BYTES / 2) / 4;
+        let mut v: Vec<f32> = Vec::with_capacity(n);
+        v.extend((0..n).map(|i| i as f32));
+        // The middle of the block lies in whole 2 MiB pages, which were asked for.
+        let middle = v.as_ptr() as usize + n * 2;
+        let flags = vm_flags(middle).expect("the block's mapping is in /proc/self/smaps");
+        assert!(flags.iter().any(|f| f == "hg"), "flags {flags:?}");
+        assert_eq!(v[n - 1], (n - 1) as f32);
+        let small = vec![1u8; 1 << 20];
+        let flags = vm_flags(small.as_ptr() as usize + (1 << 19)).expect("mapped");
+        assert!(!flags.iter().any(|f| f == "hg"), "flags {flags:?}");
     }
 }
