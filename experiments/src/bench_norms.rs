@@ -240,13 +240,9 @@ fn copy_bandwidth(n: usize, min_time: f64) -> Result<f64> {
     Ok(2.0 * 4.0 * n as f64 / t)
 }
 
-/// A call of the fused backward kernel on its own (no autograd), output gradient `dy`, with
-/// the statistics of a forward on `x` made here.
-fn backward_call<'a>(
-    norm: &str,
-    x: &Var,
-    dy: &'a Tensor,
-) -> Result<impl Fn() -> Result<()> + Sync + 'a> {
+/// Median seconds and peak memory of the fused backward kernel on its own (no autograd),
+/// output gradient `dy`.
+fn backward_alone(norm: &str, x: &Var, dy: &Tensor, min_time: f64) -> Result<(f64, usize)> {
     let c = x.dim(1)?;
     let (_, sets) = spec_and_sets(norm, c)?;
     let x = x.as_tensor().detach();
@@ -255,50 +251,10 @@ fn backward_call<'a>(
         Tensor::zeros(c, DType::F32, &Device::Cpu)?,
     );
     let (_, stats) = fused_normalize(&x, &w, &b, sets, 1e-5)?;
-    Ok(move || {
+    measure(min_time, || {
         fused_backward(&x, &w, dy, sets, &stats, 1e-5)?;
         Ok(())
     })
-}
-
-/// Median seconds and peak memory of the fused backward kernel on its own (see
-/// [`backward_call`]).
-fn backward_alone(norm: &str, x: &Var, dy: &Tensor, min_time: f64) -> Result<(f64, usize)> {
-    measure(min_time, backward_call(norm, x, dy)?)
-}
-
-/// How much faster the fused kernels' forward and backward (each alone) run on `threads`
-/// threads than on `base`, per normalizer and shape in the order of [`FusedTimes`]: the calls
-/// on a pool of each size alternate in this one process (see [`alternate`]), so that drift in
-/// the machine's speed between two processes does not enter the ratio. (Through autograd,
-/// candle's own ops would run on a pool sized once per process: forward+backward is compared
-/// across processes.)
-fn alternating_scaling(
-    args: &BenchArgs,
-    shapes: &[[usize; 4]],
-    base: usize,
-    threads: usize,
-) -> Result<Vec<[f64; 2]>> {
-    let pool = |n: usize| rayon::ThreadPoolBuilder::new().num_threads(n).build();
-    // Longer than the tables' cells: a ratio of two noisy times is noisier than either.
-    let min_time = 3.0 * args.min_time;
-    let (one, many) = (pool(base)?, pool(threads)?);
-    let mut ratios = Vec::new();
-    for shape in shapes {
-        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, shape.as_slice(), &Device::Cpu)?)?;
-        let dy = Tensor::randn(0f32, 1.0, shape.as_slice(), &Device::Cpu)?;
-        for norm in &args.norms {
-            let varmap = VarMap::new();
-            let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
-            let layer = build("fused", norm, shape[1], vb)?;
-            let fwd = || layer.forward(x.as_tensor()).map(drop);
-            let (f1, fk) = measure_pair(min_time, || one.install(fwd), || many.install(fwd))?;
-            let bwd = backward_call(norm, &x, &dy)?;
-            let (b1, bk) = measure_pair(min_time, || one.install(&bwd), || many.install(&bwd))?;
-            ratios.push([f1 / fk, b1 / bk]);
-        }
-    }
-    Ok(ratios)
 }
 
 fn parse_shapes(shapes: &Option<String>) -> Result<Vec<[usize; 4]>> {
@@ -366,37 +322,22 @@ pub fn run(args: BenchArgs) -> Result<()> {
             return Ok(());
         }
         println!("### Scaling of the fused kernels over {base_threads} thread(s)\n");
-        println!(
-            "Forward and backward alone: the fused kernels on a pool of each size, their calls \
-             alternating in one process (medians), so that the machine's drift between processes \
-             stays out of the ratio; in brackets, the ratio of the tables above, each thread count \
-             in a process of its own. Forward+backward through autograd: the tables above (candle \
-             sizes its own ops' pool once per process).\n"
-        );
         let mut header = "| norm | shape |".to_string();
         let mut rule = "|---|---|".to_string();
-        let mut alternating = Vec::new();
         for (threads, _) in rest {
             header += &format!(
                 " fwd ×, {threads} threads | bwd alone ×, {threads} threads | fwd+bwd net ×, {threads} threads |"
             );
             rule += "---:|---:|---:|";
-            alternating.push(alternating_scaling(
-                &args,
-                &shapes,
-                *base_threads,
-                *threads,
-            )?);
         }
         println!("{header}\n{rule}");
         for (i, ((norm, shape), t1)) in base.iter().enumerate() {
             let mut row = format!("| {norm} | {shape:?} |");
-            for ((_, times), alt) in rest.iter().zip(&alternating) {
+            for (_, times) in rest {
                 let (_, t) = &times[i];
-                for k in 0..2 {
-                    row += &format!(" {:.2}× ({:.2}×) |", alt[i][k], t1[k] / t[k]);
+                for k in 0..3 {
+                    row += &format!(" {:.2}× |", t1[k] / t[k]);
                 }
-                row += &format!(" {:.2}× |", t1[2] / t[2]);
             }
             println!("{row}");
         }
