@@ -49,26 +49,15 @@ struct Geom {
     /// BatchNorm on a large input: its passes prefetch the runs they read next (see
     /// [`prefetch`]) and its forward writes y with non-temporal stores (see [`stream_copy`]).
     streaming: bool,
-    /// The forward writes y with non-temporal stores: BatchNorm when `streaming`, and sets of
-    /// [`STREAM_SET_VALUES`] or more.
-    stream_out: bool,
 }
 
 /// Values from which BatchNorm streams (16 MiB of f32). At (32, 64, 56, 56), 25.7 MB, the
 /// prefetches took 12% off the forward+backward through autograd and the non-temporal stores
 /// another 10%; at 1.6–4.2 MB, where x and y stay in cache from one call to the next, the
 /// prefetch instructions cost 10–20%. (GroupNorm, LayerNorm and InstanceNorm read each set as
-/// one stretch of memory, which the hardware prefetcher follows.)
+/// one stretch of memory, which the hardware prefetcher follows; the non-temporal stores made
+/// their forward alone slower at (32, 64, 56, 56) and their forward+backward no faster.)
 const STREAMING_MIN_VALUES: usize = 1 << 22;
-
-/// Values per set from which the forward streams its output whatever the normalizer (512 KiB
-/// of f32): the second pass reads the set back from L2 (2 MiB here) while it writes y, and
-/// plain stores of y (each first reading its line) push the set's own values out before they
-/// are read. LayerNorm at (32, 64, 56, 56), sets of 200,704 values: forward+backward through
-/// autograd 1.0 ms (6%) faster, the forward timed alone (y's buffer then stays in cache from
-/// one call to the next) 0.2 ms slower. GroupNorm's and InstanceNorm's sets of 6,272 and
-/// 3,136 values there stay in L1 and L2, and streaming their output gains nothing.
-const STREAM_SET_VALUES: usize = 1 << 17;
 
 impl Geom {
     fn new(dims: &[usize], sets: Sets) -> Result<Self> {
@@ -76,21 +65,18 @@ impl Geom {
             bail!("fused normalization expects (N, C, ...), got {dims:?}");
         };
         let s = spatial.iter().product::<usize>();
-        let streaming = sets == Sets::Channels && n * c * s >= STREAMING_MIN_VALUES;
-        let mut geom = Geom {
+        let geom = Geom {
             n,
             c,
             s,
             sets,
-            streaming,
-            stream_out: streaming,
+            streaming: sets == Sets::Channels && n * c * s >= STREAMING_MIN_VALUES,
         };
         if let Sets::Groups(g) = sets {
             if g == 0 || c % g != 0 {
                 bail!("fused normalization: {c} channels do not split into {g} groups");
             }
         }
-        geom.stream_out |= geom.set_len() >= STREAM_SET_VALUES;
         Ok(geom)
     }
 
@@ -103,10 +89,7 @@ impl Geom {
 
     /// Values per set.
     fn set_len(&self) -> usize {
-        match self.sets {
-            Sets::Channels => self.n * self.s,
-            Sets::Groups(g) => self.c / g * self.s,
-        }
+        self.n * self.c * self.s / self.num_sets()
     }
 
     /// The runs of `set` in memory order: (offset, sample, channel) of each (sample, channel)
@@ -237,7 +220,7 @@ fn normalize_set<T: Float>(
         // SAFETY: runs of different sets never overlap.
         let dst = unsafe { out.slice(off, g.s) };
         let (xs, a, b) = (&x[off..off + g.s], rstd * w[ch].widen(), b[ch].widen());
-        if g.stream_out {
+        if g.streaming {
             // Through a buffer in L1, then to memory without reading y's lines first.
             let mut buf = [MaybeUninit::<T>::uninit(); STREAM_CHUNK];
             for (xc, dc) in xs.chunks(STREAM_CHUNK).zip(dst.chunks_mut(STREAM_CHUNK)) {
@@ -252,7 +235,7 @@ fn normalize_set<T: Float>(
             prefetch(x[next..].as_ptr(), g.s);
         }
     }
-    if g.stream_out {
+    if g.streaming {
         store_fence();
     }
 }
@@ -950,38 +933,25 @@ mod tests {
         }
     }
 
-    /// BatchNorm on a large input prefetches and streams its output, and so does any
-    /// normalizer with large sets; neither may change a bit of any output, and the backward
-    /// writing over dy must give what it gives elsewhere.
+    /// BatchNorm on a large input prefetches and streams its output; neither may change a bit
+    /// of any output, and the backward writing over dy must give what it gives elsewhere.
     #[test]
     fn streaming_changes_no_value() {
-        // Odd lengths: runs start off 16-byte alignment, so the streamed copies have heads and
-        // tails. BatchNorm streams and prefetches; LayerNorm's sets of 150,003 values stream.
-        for (dims, sets, prefetches) in [
-            ([3, 5, 280_001], Sets::Channels, true),
-            ([2, 3, 50_001], Sets::Groups(1), false),
-        ] {
-            let [n, c, s] = dims;
-            let (x, dy, w, b) = inputs(n, c, s);
-            let on = Geom::new(&dims, sets).unwrap();
-            assert!(on.stream_out);
-            assert_eq!(on.streaming, prefetches);
-            let off = Geom {
-                streaming: false,
-                stream_out: false,
-                ..on
-            };
-            let run = |g: Geom| all_outputs(&x, &dy, &w, &b, g);
-            let (a, b2) = (run(on), run(off));
-            assert!(a.0 == b2.0, "forward output, {sets:?}");
-            assert_eq!(a.1, b2.1, "statistics, {sets:?}");
-            assert!(a.2 == b2.2, "input gradient, {sets:?}");
-            assert_eq!(
-                (a.3, a.4),
-                (b2.3, b2.4),
-                "weight and bias gradients, {sets:?}"
-            );
-        }
+        // An odd S: runs start off 16-byte alignment, so the streamed copies have heads and tails.
+        let (n, c, s) = (3, 5, 280_001);
+        let (x, dy, w, b) = inputs(n, c, s);
+        let on = Geom::new(&[n, c, s], Sets::Channels).unwrap();
+        assert!(on.streaming);
+        let off = Geom {
+            streaming: false,
+            ..on
+        };
+        let run = |g: Geom| all_outputs(&x, &dy, &w, &b, g);
+        let (a, b2) = (run(on), run(off));
+        assert!(a.0 == b2.0, "forward output");
+        assert_eq!(a.1, b2.1, "statistics");
+        assert!(a.2 == b2.2, "input gradient");
+        assert_eq!((a.3, a.4), (b2.3, b2.4), "weight and bias gradients");
     }
 
     #[test]
