@@ -23,6 +23,9 @@ pub trait Float:
     fn widen(self) -> f64;
     fn narrow(v: f64) -> Self;
 
+    /// `x` itself where `Self` is f32 (for the kernels written for f32 alone).
+    fn as_f32s(x: &[Self]) -> Option<&[f32]>;
+
     /// `v` as hi + lo, each rounded to `Self`: (x − hi) − lo is x − v to within rounding of the
     /// result even when v is large against x − v.
     #[inline(always)]
@@ -41,6 +44,10 @@ impl Float for f32 {
     fn narrow(v: f64) -> Self {
         v as f32
     }
+    #[inline(always)]
+    fn as_f32s(x: &[Self]) -> Option<&[f32]> {
+        Some(x)
+    }
 }
 
 impl Float for f64 {
@@ -51,6 +58,10 @@ impl Float for f64 {
     #[inline(always)]
     fn narrow(v: f64) -> Self {
         v
+    }
+    #[inline(always)]
+    fn as_f32s(_: &[Self]) -> Option<&[f32]> {
+        None
     }
 }
 
@@ -112,38 +123,61 @@ fn padded<T: Float>(rest: &[T], fill: T) -> [T; LANES] {
     c
 }
 
+/// Adds Σ(x − k) to `s1` and Σ(x − k)² to `s2`; `k` must be a value of type `T`.
+#[inline]
+pub fn shifted_sums<T: Float>(x: &[T], k: f64, s1: &mut Acc, s2: &mut Acc) {
+    #[cfg(target_arch = "x86_64")]
+    if let (Some(x), true) = (T::as_f32s(x), avx2_fma()) {
+        // SAFETY: the CPU has AVX2 and FMA.
+        return unsafe { avx2::shifted_sums(x, k, s1, s2) };
+    }
+    shifted_sums_generic(x, k, s1, s2)
+}
+
+/// Returns (Σdy, Σdy·(x − mean)).
+#[inline]
+pub fn grad_sums<T: Float>(x: &[T], dy: &[T], mean: f64) -> (f64, f64) {
+    #[cfg(target_arch = "x86_64")]
+    if let (Some(x), Some(dy), true) = (T::as_f32s(x), T::as_f32s(dy), avx2_fma()) {
+        // SAFETY: the CPU has AVX2 and FMA.
+        return unsafe { avx2::grad_sums(x, dy, mean) };
+    }
+    grad_sums_generic(x, dy, mean)
+}
+
 dispatched! {
 shifted_sums_plain;
-/// Adds Σ(x − k) to `s1` and Σ(x − k)² to `s2`; `k` must be a value of type `T`.
-pub fn shifted_sums<T: Float>(x: &[T], k: f64, s1: &mut Acc, s2: &mut Acc) {
-    let (mut a1, mut a2) = (*s1, *s2);
-    let (chunks, rest) = x.as_chunks::<LANES>();
-    // Padding with k adds exact zeros.
-    let last = padded(rest, T::narrow(k));
-    for c in chunks.iter().chain(std::iter::once(&last)) {
+/// `shifted_sums` for any `Float`, left to the compiler to vectorize.
+pub fn shifted_sums_generic<T: Float>(x: &[T], k: f64, s1: &mut Acc, s2: &mut Acc) {
+    #[inline(always)]
+    fn add<T: Float>(a1: &mut Acc, a2: &mut Acc, c: &[T; LANES], k: f64) {
         for i in 0..LANES {
             let d = c[i].widen() - k;
             a1[i] += d;
             a2[i] += d * d;
         }
     }
+    let (mut a1, mut a2) = (*s1, *s2);
+    let (chunks, rest) = x.as_chunks::<LANES>();
+    for c in chunks {
+        add(&mut a1, &mut a2, c, k);
+    }
+    // Padding with k adds exact zeros.
+    add(&mut a1, &mut a2, &padded(rest, T::narrow(k)), k);
     (*s1, *s2) = (a1, a2);
 }
 }
 
 dispatched! {
 grad_sums_plain;
-/// Returns (Σdy, Σdy·(x − mean)).
-pub fn grad_sums<T: Float>(x: &[T], dy: &[T], mean: f64) -> (f64, f64) {
+/// `grad_sums` for any `Float`, left to the compiler to vectorize.
+pub fn grad_sums_generic<T: Float>(x: &[T], dy: &[T], mean: f64) -> (f64, f64) {
     #[inline(always)]
     fn add<T: Float>(sd: &mut Acc, sdx: &mut Acc, xs: &[T; LANES], ds: &[T; LANES], mean: f64) {
-        let d: Acc = std::array::from_fn(|i| ds[i].widen());
-        let xm: Acc = std::array::from_fn(|i| xs[i].widen() - mean);
         for i in 0..LANES {
-            sd[i] += d[i];
-        }
-        for i in 0..LANES {
-            sdx[i] += d[i] * xm[i];
+            let d = ds[i].widen();
+            sd[i] += d;
+            sdx[i] += d * (xs[i].widen() - mean);
         }
     }
     let (mut sd, mut sdx): (Acc, Acc) = ([0.0; LANES], [0.0; LANES]);
@@ -156,6 +190,91 @@ pub fn grad_sums<T: Float>(x: &[T], dy: &[T], mean: f64) -> (f64, f64) {
     add(&mut sd, &mut sdx, &xl, &dl, mean);
     (total(&sd), total(&sdx))
 }
+}
+
+/// The f32 reductions for AVX2, in intrinsics: lane for lane the same operations as the generic
+/// code (lanes 0–3 in one register, 4–7 in another; a multiply and an add, never an FMA), so the
+/// same bits. The compiler's own vectorization of `grad_sums` reversed every register's lanes
+/// at every step, a shuffle per register on the port the f32 → f64 conversions need too.
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::{padded, total, Acc, LANES};
+    use std::arch::x86_64::*;
+
+    /// The two registers holding lanes 0–3 and 4–7 of `a`.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn load(a: &Acc) -> [__m256d; 2] {
+        [
+            _mm256_loadu_pd(a.as_ptr()),
+            _mm256_loadu_pd(a.as_ptr().add(4)),
+        ]
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn store(r: [__m256d; 2], a: &mut Acc) {
+        _mm256_storeu_pd(a.as_mut_ptr(), r[0]);
+        _mm256_storeu_pd(a.as_mut_ptr().add(4), r[1]);
+    }
+
+    /// Lanes 0–3 and 4–7 of a chunk, widened to f64.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn widen(c: &[f32; LANES]) -> [__m256d; 2] {
+        let p = c.as_ptr();
+        [
+            _mm256_cvtps_pd(_mm_loadu_ps(p)),
+            _mm256_cvtps_pd(_mm_loadu_ps(p.add(4))),
+        ]
+    }
+
+    /// `super::shifted_sums` on f32.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn shifted_sums(x: &[f32], k: f64, s1: &mut Acc, s2: &mut Acc) {
+        let kv = _mm256_set1_pd(k);
+        let (mut a1, mut a2) = (load(s1), load(s2));
+        let mut add = |c: &[f32; LANES]| {
+            let v = widen(c);
+            for h in 0..2 {
+                let d = _mm256_sub_pd(v[h], kv);
+                a1[h] = _mm256_add_pd(a1[h], d);
+                a2[h] = _mm256_add_pd(a2[h], _mm256_mul_pd(d, d));
+            }
+        };
+        let (chunks, rest) = x.as_chunks::<LANES>();
+        for c in chunks {
+            add(c);
+        }
+        // Padding with k adds exact zeros.
+        add(&padded(rest, k as f32));
+        store(a1, s1);
+        store(a2, s2);
+    }
+
+    /// `super::grad_sums` on f32.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn grad_sums(x: &[f32], dy: &[f32], mean: f64) -> (f64, f64) {
+        let mv = _mm256_set1_pd(mean);
+        let zero = _mm256_setzero_pd();
+        let (mut sd, mut sdx) = ([zero; 2], [zero; 2]);
+        let mut add = |xs: &[f32; LANES], ds: &[f32; LANES]| {
+            let (xv, dv) = (widen(xs), widen(ds));
+            for h in 0..2 {
+                sd[h] = _mm256_add_pd(sd[h], dv[h]);
+                let xm = _mm256_sub_pd(xv[h], mv);
+                sdx[h] = _mm256_add_pd(sdx[h], _mm256_mul_pd(dv[h], xm));
+            }
+        };
+        let ((xc, xr), (dc, dr)) = (x.as_chunks::<LANES>(), dy.as_chunks::<LANES>());
+        for (xs, ds) in xc.iter().zip(dc) {
+            add(xs, ds);
+        }
+        // Padding dy with zeros adds exact zeros (x − mean is finite wherever the result is).
+        add(&padded(xr, 0.0), &padded(dr, 0.0));
+        let (mut a, mut b) = ([0.0; LANES], [0.0; LANES]);
+        store(sd, &mut a);
+        store(sdx, &mut b);
+        (total(&a), total(&b))
+    }
 }
 
 dispatched! {
@@ -328,19 +447,52 @@ mod tests {
         for (o, g) in over.iter().zip(&dy) {
             assert_eq!(*o, 3.0 * g);
         }
-        // The AVX2 build computes the same as the plain one.
-        #[cfg(target_arch = "x86_64")]
-        if avx2_fma() {
-            let (xf, df): (Vec<f32>, Vec<f32>) = (
-                (0..37).map(|i| 1e3 + (i % 7) as f32 * 1e-2).collect(),
-                (0..37).map(|i| ((i * 5) % 11) as f32 - 5.0).collect(),
+    }
+
+    /// The reductions as the kernels run them on f32 (hand-written AVX2 where the CPU has it)
+    /// give the bits of the plain scalar build: every length around the 8-lane chunks, values
+    /// whose f64 products and sums round, accumulators that start non-zero (runs after the first).
+    #[test]
+    fn f32_reductions_give_the_plain_builds_bits() {
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        };
+        for len in 0..70 {
+            // Around 1e3, with every fourth value scaled far up or down: differences from k
+            // that need most of an f64's bits, so that d² rounds.
+            let x: Vec<f32> = (0..len)
+                .map(|i| {
+                    let v = 1e3 + 3.7 * next();
+                    if i % 4 == 3 {
+                        v * 2f32.powi((next() * 40.0) as i32)
+                    } else {
+                        v
+                    }
+                })
+                .collect();
+            let dy: Vec<f32> = (0..len).map(|_| next() * 1e-3).collect();
+            let k = x.first().copied().unwrap_or(0.0) as f64;
+            let start: Acc = std::array::from_fn(|i| 0.1 * i as f64 + 1.0 / 3.0);
+            let (mut a, mut b) = (start, start);
+            let (mut c, mut d) = (start, start);
+            shifted_sums(&x, k, &mut a, &mut b);
+            shifted_sums_plain(&x, k, &mut c, &mut d);
+            assert_eq!(
+                (a.map(f64::to_bits), b.map(f64::to_bits)),
+                (c.map(f64::to_bits), d.map(f64::to_bits)),
+                "{len}"
             );
-            let (mut a, mut b) = ([0.0; LANES], [0.0; LANES]);
-            let (mut c, mut d) = ([0.0; LANES], [0.0; LANES]);
-            shifted_sums(&xf, 1e3, &mut a, &mut b);
-            shifted_sums_plain(&xf, 1e3, &mut c, &mut d);
-            assert_eq!((a, b), (c, d));
-            assert_eq!(grad_sums(&xf, &df, 1e3), grad_sums_plain(&xf, &df, 1e3));
+            let mean = 1e3 + 0.123456789;
+            let (got, want) = (grad_sums(&x, &dy, mean), grad_sums_plain(&x, &dy, mean));
+            assert_eq!(
+                (got.0.to_bits(), got.1.to_bits()),
+                (want.0.to_bits(), want.1.to_bits()),
+                "{len}"
+            );
         }
     }
 }
