@@ -130,6 +130,13 @@ impl Geom {
         (self.streaming && ch + 1 < self.c).then_some(off + self.s)
     }
 
+    /// Whether each set is one stretch of memory, the next set's right after it (`Groups`):
+    /// then the reductions read ahead of their runs (see [`lanes::READ_AHEAD_BYTES`]).
+    #[inline(always)]
+    fn contiguous_sets(&self) -> bool {
+        matches!(self.sets, Sets::Groups(_))
+    }
+
     /// Sets per rayon task, so that no task is too small to be worth a thread.
     fn min_sets_per_task(&self) -> usize {
         (MIN_TASK_VALUES / self.set_len().max(1)).max(1)
@@ -202,7 +209,7 @@ fn set_stats<T: Float>(x: &[T], g: &Geom, set: usize) -> (f64, f64) {
             prefetch(x[next..].as_ptr(), g.s);
         }
         let k = *k.get_or_insert_with(|| run[0].widen());
-        lanes::shifted_sums(run, k, &mut s1, &mut s2);
+        lanes::shifted_sums(run, k, &mut s1, &mut s2, g.contiguous_sets());
     }
     let m = g.set_len() as f64;
     let d = lanes::total(&s1) / m;
@@ -416,7 +423,8 @@ fn backward<T: Float>(
                     prefetch_run(next);
                 }
                 let dys = unsafe { dyp.slice_ref(off, g.s) };
-                let (sd, sdx) = lanes::grad_sums(&x[off..off + g.s], dys, mean);
+                let (sd, sdx) =
+                    lanes::grad_sums(&x[off..off + g.s], dys, mean, g.contiguous_sets());
                 // Every (sample, channel) pair belongs to exactly one set.
                 unsafe {
                     pw.slice(n * g.c + ch, 1)[0] = rstd * sdx;
