@@ -26,6 +26,9 @@ pub trait Float:
     /// `x` itself where `Self` is f32 (for the kernels written for f32 alone).
     fn as_f32s(x: &[Self]) -> Option<&[f32]>;
 
+    /// `x` itself where `Self` is f32, for writing.
+    fn as_f32s_mut(x: &mut [MaybeUninit<Self>]) -> Option<&mut [MaybeUninit<f32>]>;
+
     /// `v` as hi + lo, each rounded to `Self`: (x − hi) − lo is x − v to within rounding of the
     /// result even when v is large against x − v.
     #[inline(always)]
@@ -48,6 +51,10 @@ impl Float for f32 {
     fn as_f32s(x: &[Self]) -> Option<&[f32]> {
         Some(x)
     }
+    #[inline(always)]
+    fn as_f32s_mut(x: &mut [MaybeUninit<Self>]) -> Option<&mut [MaybeUninit<f32>]> {
+        Some(x)
+    }
 }
 
 impl Float for f64 {
@@ -61,6 +68,10 @@ impl Float for f64 {
     }
     #[inline(always)]
     fn as_f32s(_: &[Self]) -> Option<&[f32]> {
+        None
+    }
+    #[inline(always)]
+    fn as_f32s_mut(_: &mut [MaybeUninit<Self>]) -> Option<&mut [MaybeUninit<f32>]> {
         None
     }
 }
@@ -123,14 +134,17 @@ fn padded<T: Float>(rest: &[T], fill: T) -> [T; LANES] {
     c
 }
 
-/// How far ahead of the values it sums a reduction asks for the memory it reads next, where
-/// its caller says that memory comes next (`read_ahead`): 8 KiB of f32. Through autograd, x and
-/// dy come from memory, not from cache, and the hardware prefetcher alone left the hand-written
-/// reductions waiting on it. For GroupNorm, LayerNorm and InstanceNorm, whose sets follow one
-/// another in memory, it took 0.7–2.5 ms (5–15%) off the net forward+backward at (32,64,56,56)
-/// and 0.2–0.4 ms at (32,256,14,14) in A/B runs (2, 8 and 16 KiB did about as well; 1 KiB a
-/// little less). BatchNorm's sets are short runs C·S apart, so memory past a run is another
-/// set's; it prefetches whole runs instead (see `ops::prefetch`), on large inputs only.
+/// How far ahead of its position a kernel asks for the memory it reads (or writes) next, where
+/// its caller says that memory comes next (`read_ahead`): 8 KiB. Through autograd, x, dy and
+/// y's buffer are not in cache, and the hardware prefetcher alone left the hand-written loops
+/// waiting on memory. For GroupNorm, LayerNorm and InstanceNorm, whose sets follow one another
+/// in memory, reading ahead in the reductions took 1.6–3.2 ms (10–18%) off the net
+/// forward+backward at (32,64,56,56) and 0.2–0.4 ms at (32,256,14,14) in two A/B runs (2, 8
+/// and 16 KiB did about as well, 1 KiB a little less); writing ahead in the forward's output
+/// pass took up to 2 ms more off GroupNorm and InstanceNorm there, 0.1–0.2 ms at
+/// (32,256,14,14), and 10% off GroupNorm's forward alone. BatchNorm's sets are short runs C·S
+/// apart, so the memory past a run is another set's; it prefetches whole runs instead (see
+/// `ops::prefetch`), on large inputs only.
 pub const READ_AHEAD_BYTES: usize = 8 << 10;
 
 /// Adds Σ(x − k) to `s1` and Σ(x − k)² to `s2`; `k` must be a value of type `T`. With
@@ -224,6 +238,7 @@ pub fn grad_sums_generic<T: Float>(x: &[T], dy: &[T], mean: f64) -> (f64, f64) {
 mod avx2 {
     use super::{padded, total, Acc, LANES, READ_AHEAD_BYTES};
     use std::arch::x86_64::*;
+    use std::mem::MaybeUninit;
 
     /// With `ON`, asks for the cache line [`READ_AHEAD_BYTES`] after `p` (a chunk's start).
     #[inline(always)]
@@ -284,6 +299,43 @@ mod avx2 {
         store(a2, s2);
     }
 
+    /// `super::affine_into` on f32: ((x − hi) − lo)·a + b, a multiply and an add as in the
+    /// generic code; 16 values a step, the last few one at a time with the same operations.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn affine_into<const AHEAD: bool>(
+        x: &[f32],
+        dst: &mut [MaybeUninit<f32>],
+        (hi, lo): (f32, f32),
+        a: f32,
+        b: f32,
+    ) {
+        assert_eq!(x.len(), dst.len());
+        let (vh, vl, va, vb) = (
+            _mm256_set1_ps(hi),
+            _mm256_set1_ps(lo),
+            _mm256_set1_ps(a),
+            _mm256_set1_ps(b),
+        );
+        let f = |v: __m256| {
+            _mm256_add_ps(
+                _mm256_mul_ps(_mm256_sub_ps(_mm256_sub_ps(v, vh), vl), va),
+                vb,
+            )
+        };
+        let (xp, dp) = (x.as_ptr(), dst.as_mut_ptr().cast::<f32>());
+        let body = x.len() / 16 * 16;
+        let mut i = 0;
+        while i < body {
+            read_ahead::<AHEAD>(dp.add(i));
+            _mm256_storeu_ps(dp.add(i), f(_mm256_loadu_ps(xp.add(i))));
+            _mm256_storeu_ps(dp.add(i + 8), f(_mm256_loadu_ps(xp.add(i + 8))));
+            i += 16;
+        }
+        for (d, &v) in dst[body..].iter_mut().zip(&x[body..]) {
+            d.write(((v - hi) - lo) * a + b);
+        }
+    }
+
     /// `super::grad_sums` on f32.
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn grad_sums<const AHEAD: bool>(x: &[f32], dy: &[f32], mean: f64) -> (f64, f64) {
@@ -313,10 +365,38 @@ mod avx2 {
     }
 }
 
+/// dst = (x − mean)·a + b, in `T`. With `read_ahead`, `dst` goes on past its end and the
+/// memory there is written next (see [`READ_AHEAD_BYTES`]).
+#[inline]
+pub fn affine_into<T: Float>(
+    x: &[T],
+    dst: &mut [MaybeUninit<T>],
+    mean: f64,
+    a: f64,
+    b: f64,
+    read_ahead: bool,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if let (Some(xs), true) = (T::as_f32s(x), avx2_fma()) {
+        if let Some(ds) = T::as_f32s_mut(dst) {
+            let ((hi, lo), a, b) = (f32::split(mean), a as f32, b as f32);
+            // SAFETY: the CPU has AVX2 and FMA.
+            return unsafe {
+                match read_ahead {
+                    true => avx2::affine_into::<true>(xs, ds, (hi, lo), a, b),
+                    false => avx2::affine_into::<false>(xs, ds, (hi, lo), a, b),
+                }
+            };
+        }
+    }
+    let _ = read_ahead;
+    affine_into_generic(x, dst, mean, a, b)
+}
+
 dispatched! {
 affine_into_plain;
-/// dst = (x − mean)·a + b, in `T`.
-pub fn affine_into<T: Float>(x: &[T], dst: &mut [MaybeUninit<T>], mean: f64, a: f64, b: f64) {
+/// `affine_into` for any `Float`, left to the compiler to vectorize.
+pub fn affine_into_generic<T: Float>(x: &[T], dst: &mut [MaybeUninit<T>], mean: f64, a: f64, b: f64) {
     let ((hi, lo), a, b) = (T::split(mean), T::narrow(a), T::narrow(b));
     for (d, &v) in dst.iter_mut().zip(x) {
         d.write(((v - hi) - lo) * a + b);
@@ -440,7 +520,7 @@ mod tests {
         let mean = x.iter().map(|&v| v as f64).sum::<f64>() / 50.0;
         let (a, b) = (97.5, 0.25);
         let mut dst = vec![MaybeUninit::uninit(); 50];
-        affine_into(&x, &mut dst, mean, a, b);
+        affine_into(&x, &mut dst, mean, a, b, false);
         for (d, &v) in dst.iter().zip(&x) {
             let want = (v as f64 - mean) * a + b;
             let got = unsafe { d.assume_init() } as f64;
@@ -460,7 +540,7 @@ mod tests {
         let x: Vec<f64> = (0..19).map(|i| i as f64 * 0.5 - 3.0).collect();
         let dy: Vec<f64> = (0..19).map(|i| (i % 5) as f64 - 2.0).collect();
         let mut dst = vec![MaybeUninit::uninit(); 19];
-        affine_into(&x, &mut dst, 1.5, 2.0, -1.0);
+        affine_into(&x, &mut dst, 1.5, 2.0, -1.0, false);
         for (d, v) in dst.iter().zip(&x) {
             assert_eq!(unsafe { d.assume_init() }, (v - 1.5) * 2.0 - 1.0);
         }
@@ -531,6 +611,30 @@ mod tests {
                     (want.0.to_bits(), want.1.to_bits()),
                     "{len}"
                 );
+            }
+        }
+    }
+
+    /// The f32 elementwise pass as the kernels run it (hand-written AVX2 where the CPU has it)
+    /// writes the plain build's bits, for every length around its 16-value steps.
+    #[test]
+    fn f32_affine_gives_the_plain_builds_bits() {
+        for len in 0..70 {
+            let x: Vec<f32> = (0..len)
+                .map(|i| 1e3 + ((i * 37 % 23) as f32) * 0.173 - 2.0)
+                .collect();
+            let (mean, a, b) = (1001.0 + 1.0 / 3.0, 0.7 / 3.0, -0.2);
+            for ahead in [false, true] {
+                let mut got = vec![MaybeUninit::uninit(); len];
+                let mut want = vec![MaybeUninit::uninit(); len];
+                affine_into(&x, &mut got, mean, a, b, ahead);
+                affine_into_plain(&x, &mut want, mean, a, b);
+                let bits = |v: &[MaybeUninit<f32>]| -> Vec<u32> {
+                    v.iter()
+                        .map(|d| unsafe { d.assume_init() }.to_bits())
+                        .collect()
+                };
+                assert_eq!(bits(&got), bits(&want), "{len}");
             }
         }
     }

@@ -239,11 +239,11 @@ fn normalize_set<T: Float>(
             let mut buf = [MaybeUninit::<T>::uninit(); STREAM_CHUNK];
             for (xc, dc) in xs.chunks(STREAM_CHUNK).zip(dst.chunks_mut(STREAM_CHUNK)) {
                 let tmp = &mut buf[..xc.len()];
-                lanes::affine_into(xc, tmp, mean, a, b);
+                lanes::affine_into(xc, tmp, mean, a, b, false);
                 stream_copy(tmp, dc);
             }
         } else {
-            lanes::affine_into(xs, dst, mean, a, b);
+            lanes::affine_into(xs, dst, mean, a, b, g.contiguous_sets());
         }
         if let Some(next) = g.next_channel_run(off, ch) {
             prefetch(x[next..].as_ptr(), g.s);
