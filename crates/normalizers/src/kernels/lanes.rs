@@ -336,6 +336,46 @@ mod avx2 {
         }
     }
 
+    /// `super::grad_into` and `super::grad_in_place` on f32 (`out` may be `dy`): p·dy −
+    /// q·((x − hi) − lo) + r with the generic code's operations and order, 16 values a step,
+    /// the last few one at a time.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn grad<const AHEAD: bool>(
+        x: *const f32,
+        dy: *const f32,
+        out: *mut f32,
+        len: usize,
+        ((hi, lo), (p, q, r)): ((f32, f32), (f32, f32, f32)),
+    ) {
+        let (vh, vl) = (_mm256_set1_ps(hi), _mm256_set1_ps(lo));
+        let (vp, vq, vr) = (_mm256_set1_ps(p), _mm256_set1_ps(q), _mm256_set1_ps(r));
+        let f = |xv: __m256, dv: __m256| {
+            let xm = _mm256_sub_ps(_mm256_sub_ps(xv, vh), vl);
+            _mm256_add_ps(
+                _mm256_sub_ps(_mm256_mul_ps(vp, dv), _mm256_mul_ps(vq, xm)),
+                vr,
+            )
+        };
+        let body = len / 16 * 16;
+        let mut i = 0;
+        while i < body {
+            read_ahead::<AHEAD>(x.add(i));
+            read_ahead::<AHEAD>(dy.add(i));
+            if out.cast_const() != dy {
+                read_ahead::<AHEAD>(out.add(i));
+            }
+            for j in [i, i + 8] {
+                let v = f(_mm256_loadu_ps(x.add(j)), _mm256_loadu_ps(dy.add(j)));
+                _mm256_storeu_ps(out.add(j), v);
+            }
+            i += 16;
+        }
+        for j in body..len {
+            let (xv, dv) = (*x.add(j), *dy.add(j));
+            *out.add(j) = p * dv - q * ((xv - hi) - lo) + r;
+        }
+    }
+
     /// `super::grad_sums` on f32.
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn grad_sums<const AHEAD: bool>(x: &[f32], dy: &[f32], mean: f64) -> (f64, f64) {
@@ -416,10 +456,74 @@ fn grad_consts<T: Float>(mean: f64, p: f64, q: f64, r: f64) -> ((T, T), (T, T, T
     (T::split(mean), (T::narrow(p), T::narrow(q), T::narrow(r)))
 }
 
+/// dst = p·dy − q·(x − mean) + r, in `T`. With `read_ahead`, x, dy and dst go on past their
+/// ends and that memory is read and written next (see [`READ_AHEAD_BYTES`]).
+#[inline]
+#[allow(clippy::too_many_arguments)]
+pub fn grad_into<T: Float>(
+    x: &[T],
+    dy: &[T],
+    dst: &mut [MaybeUninit<T>],
+    mean: f64,
+    p: f64,
+    q: f64,
+    r: f64,
+    read_ahead: bool,
+) {
+    assert!(x.len() == dst.len() && dy.len() == dst.len());
+    #[cfg(target_arch = "x86_64")]
+    if let (Some(xs), Some(ds), true) = (T::as_f32s(x), T::as_f32s(dy), avx2_fma()) {
+        if let Some(out) = T::as_f32s_mut(dst) {
+            let c = grad_consts::<f32>(mean, p, q, r);
+            let out = out.as_mut_ptr().cast::<f32>();
+            // SAFETY: the CPU has AVX2 and FMA; the three slices have the same length.
+            return unsafe {
+                match read_ahead {
+                    true => avx2::grad::<true>(xs.as_ptr(), ds.as_ptr(), out, xs.len(), c),
+                    false => avx2::grad::<false>(xs.as_ptr(), ds.as_ptr(), out, xs.len(), c),
+                }
+            };
+        }
+    }
+    let _ = read_ahead;
+    grad_into_generic(x, dy, dst, mean, p, q, r)
+}
+
+/// dy = p·dy − q·(x − mean) + r, in `T`: `grad_into` writing over its own input.
+#[inline]
+pub fn grad_in_place<T: Float>(
+    x: &[T],
+    dy: &mut [T],
+    mean: f64,
+    p: f64,
+    q: f64,
+    r: f64,
+    read_ahead: bool,
+) {
+    assert_eq!(x.len(), dy.len());
+    #[cfg(target_arch = "x86_64")]
+    if let (Some(xs), true) = (T::as_f32s(x), avx2_fma()) {
+        if T::as_f32s(dy).is_some() {
+            let c = grad_consts::<f32>(mean, p, q, r);
+            let (n, out) = (dy.len(), dy.as_mut_ptr().cast::<f32>());
+            // SAFETY: the CPU has AVX2 and FMA; T is f32; each value of dy is read before it
+            // is written, both through the one pointer from the `&mut` borrow.
+            return unsafe {
+                match read_ahead {
+                    true => avx2::grad::<true>(xs.as_ptr(), out.cast_const(), out, n, c),
+                    false => avx2::grad::<false>(xs.as_ptr(), out.cast_const(), out, n, c),
+                }
+            };
+        }
+    }
+    let _ = read_ahead;
+    grad_in_place_generic(x, dy, mean, p, q, r)
+}
+
 dispatched! {
 grad_into_plain;
-/// dst = p·dy − q·(x − mean) + r, in `T`.
-pub fn grad_into<T: Float>(
+/// `grad_into` for any `Float`, left to the compiler to vectorize.
+pub fn grad_into_generic<T: Float>(
     x: &[T],
     dy: &[T],
     dst: &mut [MaybeUninit<T>],
@@ -437,8 +541,8 @@ pub fn grad_into<T: Float>(
 
 dispatched! {
 grad_in_place_plain;
-/// dy = p·dy − q·(x − mean) + r, in `T`: `grad_into` writing over its own input.
-pub fn grad_in_place<T: Float>(x: &[T], dy: &mut [T], mean: f64, p: f64, q: f64, r: f64) {
+/// `grad_in_place` for any `Float`, left to the compiler to vectorize.
+pub fn grad_in_place_generic<T: Float>(x: &[T], dy: &mut [T], mean: f64, p: f64, q: f64, r: f64) {
     let (m, k) = grad_consts::<T>(mean, p, q, r);
     for (d, &xv) in dy.iter_mut().zip(x) {
         *d = grad_of(xv, *d, m, k);
@@ -527,7 +631,7 @@ mod tests {
             assert!((got - want).abs() < 1e-5, "{got} vs {want}");
         }
         let dy: Vec<f32> = (0..50).map(|i| ((i * 3) % 5) as f32 - 2.0).collect();
-        grad_into(&x, &dy, &mut dst, mean, 2.0, 40.0, 0.5);
+        grad_into(&x, &dy, &mut dst, mean, 2.0, 40.0, 0.5, false);
         for ((d, &v), &g) in dst.iter().zip(&x).zip(&dy) {
             let want = 2.0 * g as f64 - 40.0 * (v as f64 - mean) + 0.5;
             let got = unsafe { d.assume_init() } as f64;
@@ -544,7 +648,7 @@ mod tests {
         for (d, v) in dst.iter().zip(&x) {
             assert_eq!(unsafe { d.assume_init() }, (v - 1.5) * 2.0 - 1.0);
         }
-        grad_into(&x, &dy, &mut dst, 1.5, 2.0, 0.25, 0.5);
+        grad_into(&x, &dy, &mut dst, 1.5, 2.0, 0.25, 0.5, false);
         for ((d, v), g) in dst.iter().zip(&x).zip(&dy) {
             assert_eq!(unsafe { d.assume_init() }, 2.0 * g - 0.25 * (v - 1.5) + 0.5);
         }
@@ -554,7 +658,7 @@ mod tests {
         }
         // Writing over dy gives the same values as writing elsewhere.
         let mut over = dy.clone();
-        grad_in_place(&x, &mut over, 1.5, 2.0, 0.25, 0.5);
+        grad_in_place(&x, &mut over, 1.5, 2.0, 0.25, 0.5, false);
         for ((o, v), g) in over.iter().zip(&x).zip(&dy) {
             assert_eq!(*o, 2.0 * g - 0.25 * (v - 1.5) + 0.5);
         }
@@ -615,10 +719,10 @@ mod tests {
         }
     }
 
-    /// The f32 elementwise pass as the kernels run it (hand-written AVX2 where the CPU has it)
-    /// writes the plain build's bits, for every length around its 16-value steps.
+    /// The f32 elementwise passes as the kernels run them (hand-written AVX2 where the CPU has
+    /// it) write the plain build's bits, for every length around their 16-value steps.
     #[test]
-    fn f32_affine_gives_the_plain_builds_bits() {
+    fn f32_elementwise_passes_give_the_plain_builds_bits() {
         for len in 0..70 {
             let x: Vec<f32> = (0..len)
                 .map(|i| 1e3 + ((i * 37 % 23) as f32) * 0.173 - 2.0)
@@ -635,6 +739,18 @@ mod tests {
                         .collect()
                 };
                 assert_eq!(bits(&got), bits(&want), "{len}");
+                // The input gradient, into a new buffer and over dy.
+                let dy: Vec<f32> = (0..len)
+                    .map(|i| ((i * 13 % 7) as f32) * 0.31 - 1.0)
+                    .collect();
+                let (p, q, r) = (1.0 / 3.0, 0.9 / 7.0, 1.0 / 9.0);
+                grad_into(&x, &dy, &mut got, mean, p, q, r, ahead);
+                grad_into_plain(&x, &dy, &mut want, mean, p, q, r);
+                assert_eq!(bits(&got), bits(&want), "{len}");
+                let mut over = dy.clone();
+                grad_in_place(&x, &mut over, mean, p, q, r, ahead);
+                let over: Vec<u32> = over.iter().map(|v| v.to_bits()).collect();
+                assert_eq!(over, bits(&want), "{len}");
             }
         }
     }

@@ -455,7 +455,7 @@ fn backward<T: Float>(
                         if fixed {
                             lanes::scale_in_place(dys, p);
                         } else {
-                            lanes::grad_in_place(xs, dys, mean, p, q, r);
+                            lanes::grad_in_place(xs, dys, mean, p, q, r, g.contiguous_sets());
                         }
                     }
                     Some(out) => {
@@ -463,7 +463,7 @@ fn backward<T: Float>(
                         if fixed {
                             lanes::scale_into(dys, dst, p);
                         } else {
-                            lanes::grad_into(xs, dys, dst, mean, p, q, r);
+                            lanes::grad_into(xs, dys, dst, mean, p, q, r, g.contiguous_sets());
                         }
                     }
                 }
