@@ -1,13 +1,15 @@
-//! The kernels' inner loops over one contiguous run of values, written so that the compiler
-//! vectorizes them: reductions in f64 whatever the storage type, into `LANES` independent
-//! accumulators combined in a fixed order (the same result for every vector width, so scalar
-//! and AVX2 code agree bit for bit); elementwise passes in the storage type (f32 runs twice as
-//! many lanes as f64), with the mean split into a high and a low part so that x − μ loses nothing
-//! when the mean is large; outputs written without a zeroing pass.
+//! The kernels' inner loops over one contiguous run of values: reductions in f64 whatever the
+//! storage type, into `LANES` independent accumulators combined in a fixed order (the same result
+//! for every vector width, so scalar and vector code agree bit for bit); elementwise passes in the
+//! storage type, with the mean split into a high and a low part so that x − μ loses nothing when
+//! the mean is large; outputs written without a zeroing pass.
 //!
-//! Each kernel is compiled twice, plainly and for AVX2 + FMA, and picks the second where the
-//! CPU has them (Rust never contracts a·b + c into an FMA on its own, so the numbers do not
-//! change, only the speed).
+//! Each loop is written once generically, for the compiler to vectorize, and compiled twice,
+//! plainly and for AVX2 + FMA, picking the second where the CPU has them (Rust never contracts
+//! a·b + c into an FMA on its own, so the numbers do not change, only the speed). The f32 loops
+//! the kernels spend their time in also have a hand-written AVX2 version (the `avx2` module),
+//! with the generic code's operations lane for lane; tests hold them to the plain build bit for
+//! bit.
 
 use candle_core::WithDType;
 use std::mem::MaybeUninit;
