@@ -30,6 +30,15 @@ pub struct BenchArgs {
     /// Leave out the reference twin (slow on the large shapes).
     #[arg(long)]
     no_reference: bool,
+    /// Runs of each thread count for the scaling table, alternating (1, 2, 1, 2, …): its ratios
+    /// are medians over rounds of one round's ratio, so that the machine's drift between
+    /// processes minutes apart counts less. The other tables come from the first round.
+    #[arg(long, default_value_t = 1)]
+    rounds: usize,
+    /// Time only the fused kernels and print nothing (the later rounds of a run for several
+    /// thread counts).
+    #[arg(long, hide = true)]
+    fused_only: bool,
     /// Where a run for one thread count, started by a run for several, leaves its fused
     /// kernels' times (JSON).
     #[arg(long, hide = true)]
@@ -169,9 +178,15 @@ pub fn alternate(
     Ok(pairs)
 }
 
+/// The median: the middle value, or the mean of the middle two.
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
+    let h = v.len() / 2;
+    if v.len().is_multiple_of(2) {
+        (v[h - 1] + v[h]) / 2.0
+    } else {
+        v[h]
+    }
 }
 
 /// Median seconds per call of `a` and of `b`, timed alternating (see [`alternate`]).
@@ -284,6 +299,15 @@ pub fn run(args: BenchArgs) -> Result<()> {
     if args.threads.is_empty() || args.threads.contains(&0) {
         bail!("--threads: give thread counts above 0, e.g. --threads 1,2");
     }
+    if args.rounds == 0 {
+        bail!("--rounds: give 1 or more");
+    }
+    if args.rounds > 1 && args.threads.len() < 2 {
+        bail!(
+            "--rounds: the rounds alternate thread counts; give several, e.g. --threads 1,2 \
+             --rounds 3"
+        );
+    }
     if let [threads] = args.threads[..] {
         let times = with_threads(threads, || tables(&args, &shapes, threads))?;
         if let Some(path) = &args.times_out {
@@ -293,57 +317,86 @@ pub fn run(args: BenchArgs) -> Result<()> {
         return Ok(());
     }
     // candle sizes the thread pool of its elementwise ops once per process, so each thread
-    // count runs in a process of its own.
+    // count runs in a process of its own; rounds alternate them.
     let dir = tempfile::tempdir()?;
-    let mut fused: Vec<(usize, FusedTimes)> = Vec::new();
-    for &threads in &args.threads {
-        let out = dir.path().join(format!("times-{threads}.json"));
-        let mut child = Command::new(std::env::current_exe()?);
-        child
-            .args(["bench-norms", "--threads", &threads.to_string()])
-            .args(["--shapes", &shapes_arg(&shapes)])
-            .args(["--norms", &args.norms.join(",")])
-            .args(["--min-time", &args.min_time.to_string()])
-            .arg("--times-out")
-            .arg(&out);
-        if args.no_reference {
-            child.arg("--no-reference");
-        }
-        let status = child.status().context("cannot start a benchmark process")?;
-        if !status.success() {
-            bail!("the benchmark with {threads} thread(s) failed ({status})");
-        }
-        let times = std::fs::read_to_string(&out)
-            .with_context(|| format!("the {threads}-thread run left no times"))?;
-        fused.push((threads, serde_json::from_str(&times)?));
-    }
-    if let [(base_threads, base), rest @ ..] = &fused[..] {
-        if rest.is_empty() {
-            return Ok(());
-        }
-        println!("### Scaling of the fused kernels over {base_threads} thread(s)\n");
-        let mut header = "| norm | shape |".to_string();
-        let mut rule = "|---|---|".to_string();
-        for (threads, _) in rest {
-            header += &format!(
-                " fwd ×, {threads} threads | bwd alone ×, {threads} threads | fwd+bwd net ×, {threads} threads |"
-            );
-            rule += "---:|---:|---:|";
-        }
-        println!("{header}\n{rule}");
-        for (i, ((norm, shape), t1)) in base.iter().enumerate() {
-            let mut row = format!("| {norm} | {shape:?} |");
-            for (_, times) in rest {
-                let (_, t) = &times[i];
-                for k in 0..3 {
-                    row += &format!(" {:.2}× |", t1[k] / t[k]);
-                }
+    // The fused kernels' times of each round, for each thread count.
+    let mut fused: Vec<(usize, Vec<FusedTimes>)> =
+        args.threads.iter().map(|&t| (t, Vec::new())).collect();
+    for round in 0..args.rounds {
+        for (threads, rounds) in &mut fused {
+            let out = dir.path().join(format!("times-{threads}-{round}.json"));
+            let mut child = Command::new(std::env::current_exe()?);
+            child
+                .args(["bench-norms", "--threads", &threads.to_string()])
+                .args(["--shapes", &shapes_arg(&shapes)])
+                .args(["--norms", &args.norms.join(",")])
+                .args(["--min-time", &args.min_time.to_string()])
+                .arg("--times-out")
+                .arg(&out);
+            if args.no_reference {
+                child.arg("--no-reference");
             }
-            println!("{row}");
+            if round > 0 {
+                child.arg("--fused-only");
+            }
+            let status = child.status().context("cannot start a benchmark process")?;
+            if !status.success() {
+                bail!("the benchmark with {threads} thread(s) failed ({status})");
+            }
+            let times = std::fs::read_to_string(&out)
+                .with_context(|| format!("the {threads}-thread run left no times"))?;
+            rounds.push(serde_json::from_str(&times)?);
         }
-        println!();
     }
+    print_scaling(&fused);
     Ok(())
+}
+
+/// The scaling table: for each further thread count, each cell's ratio to the first thread
+/// count, the median over rounds of one round's ratio (with the range where there are several).
+fn print_scaling(fused: &[(usize, Vec<FusedTimes>)]) {
+    let [(base_threads, base), rest @ ..] = fused else {
+        return;
+    };
+    if rest.is_empty() {
+        return;
+    }
+    let rounds = base.len();
+    let over = if rounds > 1 {
+        format!(" (median of {rounds} rounds' ratios, with their range)")
+    } else {
+        String::new()
+    };
+    println!("### Scaling of the fused kernels over {base_threads} thread(s){over}\n");
+    let mut header = "| norm | shape |".to_string();
+    let mut rule = "|---|---|".to_string();
+    for (threads, _) in rest {
+        header += &format!(
+            " fwd ×, {threads} threads | bwd alone ×, {threads} threads | fwd+bwd net ×, {threads} threads |"
+        );
+        rule += "---:|---:|---:|";
+    }
+    println!("{header}\n{rule}");
+    for (i, ((norm, shape), _)) in base[0].iter().enumerate() {
+        let mut row = format!("| {norm} | {shape:?} |");
+        for (_, times) in rest {
+            for k in 0..3 {
+                let ratios: Vec<f64> = (0..rounds)
+                    .map(|r| base[r][i].1[k] / times[r][i].1[k])
+                    .collect();
+                let (lo, hi) = ratios
+                    .iter()
+                    .fold((f64::MAX, f64::MIN), |(a, b), &v| (a.min(v), b.max(v)));
+                row += &if rounds > 1 {
+                    format!(" {:.2}× ({lo:.2}–{hi:.2}) |", median(ratios))
+                } else {
+                    format!(" {:.2}× |", median(ratios))
+                };
+            }
+        }
+        println!("{row}");
+    }
+    println!();
 }
 
 /// Runs `f` with `threads` threads for the fused kernels (a rayon pool) and for candle's own
@@ -366,9 +419,29 @@ fn shapes_arg(shapes: &[[usize; 4]]) -> String {
     each.join(";")
 }
 
+/// The fused kernels' times alone, as `tables` measures them, printing nothing.
+fn fused_times(args: &BenchArgs, shapes: &[[usize; 4]]) -> Result<FusedTimes> {
+    let mut fused = Vec::new();
+    for shape in shapes {
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, shape.as_slice(), &Device::Cpu)?)?;
+        let r = Tensor::randn(0f32, 1.0, shape.as_slice(), &Device::Cpu)?;
+        for norm in &args.norms {
+            let varmap = VarMap::new();
+            let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+            let t = time_layer(&build("fused", norm, shape[1], vb)?, &x, &r, args.min_time)?;
+            let (bwd, _) = backward_alone(norm, &x, &r, args.min_time)?;
+            fused.push(((norm.clone(), *shape), [t.fwd, bwd, t.net]));
+        }
+    }
+    Ok(fused)
+}
+
 /// Prints the tables for one thread count (run inside a pool of that size); returns the fused
 /// kernels' times.
 fn tables(args: &BenchArgs, shapes: &[[usize; 4]], threads: usize) -> Result<FusedTimes> {
+    if args.fused_only {
+        return fused_times(args, shapes);
+    }
     let mut fused = Vec::new();
     println!(
         "## Normalization layers, training forward and forward+backward, {threads} thread(s)\n"
@@ -445,4 +518,16 @@ fn tables(args: &BenchArgs, shapes: &[[usize; 4]], threads: usize) -> Result<Fus
         println!();
     }
     Ok(fused)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::median;
+
+    #[test]
+    fn median_takes_the_middle_value_or_the_mean_of_the_middle_two() {
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(vec![4.0, 1.0, 3.0, 2.0]), 2.5);
+        assert_eq!(median(vec![0.91, 1.05]), 0.98);
+    }
 }

@@ -443,6 +443,61 @@ fn benchmark_commands_print_their_tables() {
     ] {
         assert!(table.contains(line), "no {line} in\n{table}");
     }
+    // Rounds alternate the thread counts' processes; the scaling table gives each ratio's
+    // median and range over them.
+    let table = printed(&[
+        "bench-norms",
+        "--shapes",
+        "2,8,4,4",
+        "--min-time",
+        "0",
+        "--norms",
+        "in",
+        "--no-reference",
+        "--threads",
+        "1,2",
+        "--rounds",
+        "2",
+    ]);
+    assert!(
+        table.contains("over 1 thread(s) (median of 2 rounds' ratios, with their range)"),
+        "{table}"
+    );
+    let row = table
+        .lines()
+        .find(|l| l.starts_with("| in | [2, 8, 4, 4] |"))
+        .unwrap_or_else(|| panic!("no scaling row in\n{table}"));
+    assert_eq!(row.matches("× (").count(), 3, "{row}");
+    // The later round prints no tables of its own.
+    assert_eq!(
+        table
+            .matches("training forward and forward+backward, 2 thread(s)")
+            .count(),
+        1
+    );
+    let e = fails(&[
+        "bench-norms",
+        "--threads",
+        "1",
+        "--rounds",
+        "2",
+        "--min-time",
+        "0",
+    ]);
+    assert!(
+        e.contains("--rounds: the rounds alternate thread counts"),
+        "{e}"
+    );
+    let e = fails(&[
+        "bench-norms",
+        "--threads",
+        "1,2",
+        "--rounds",
+        "0",
+        "--min-time",
+        "0",
+    ]);
+    assert!(e.contains("--rounds: give 1 or more"), "{e}");
     let e = fails(&["bench-norms", "--shapes", "2,32,4", "--min-time", "0"]);
     assert!(e.contains("is not N,C,H,W"), "{e}");
     let e = fails(&["bench-norms", "--threads", "0", "--min-time", "0"]);
