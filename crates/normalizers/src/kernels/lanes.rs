@@ -144,7 +144,8 @@ fn padded<T: Float>(rest: &[T], fill: T) -> [T; LANES] {
 /// forward+backward at (32,64,56,56) and 0.2–0.4 ms at (32,256,14,14) in two A/B runs (2, 8
 /// and 16 KiB did about as well, 1 KiB a little less); writing ahead in the forward's output
 /// pass took up to 2 ms more off GroupNorm and InstanceNorm there, 0.1–0.2 ms at
-/// (32,256,14,14), and 10% off GroupNorm's forward alone. BatchNorm's sets are short runs C·S
+/// (32,256,14,14), and 10% off GroupNorm's forward alone; in the backward's input-gradient pass,
+/// 0.5–1.1 ms off the backward alone at (32,64,56,56). BatchNorm's sets are short runs C·S
 /// apart, so the memory past a run is another set's; it prefetches whole runs instead (see
 /// `ops::prefetch`), on large inputs only.
 pub const READ_AHEAD_BYTES: usize = 8 << 10;
@@ -232,10 +233,11 @@ pub fn grad_sums_generic<T: Float>(x: &[T], dy: &[T], mean: f64) -> (f64, f64) {
 }
 }
 
-/// The f32 reductions for AVX2, in intrinsics: lane for lane the same operations as the generic
-/// code (lanes 0–3 in one register, 4–7 in another; a multiply and an add, never an FMA), so the
-/// same bits. The compiler's own vectorization of `grad_sums` reversed every register's lanes
-/// at every step, a shuffle per register on the port the f32 → f64 conversions need too.
+/// The f32 loops for AVX2, in intrinsics: lane for lane the same operations as the generic code
+/// (the reductions' lanes 0–3 in one register, 4–7 in another; a multiply and an add, never an
+/// FMA), so the same bits. The compiler's own vectorization of `grad_sums` reversed every
+/// register's lanes at every step, a shuffle per register on the port the f32 → f64 conversions
+/// need too; the elementwise passes are here to read and write ahead.
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use super::{padded, total, Acc, LANES, READ_AHEAD_BYTES};

@@ -131,7 +131,7 @@ impl Geom {
     }
 
     /// Whether each set is one stretch of memory, the next set's right after it (`Groups`):
-    /// then the reductions read ahead of their runs (see [`lanes::READ_AHEAD_BYTES`]).
+    /// then the loops read (and write) ahead of their runs (see [`lanes::READ_AHEAD_BYTES`]).
     #[inline(always)]
     fn contiguous_sets(&self) -> bool {
         matches!(self.sets, Sets::Groups(_))
