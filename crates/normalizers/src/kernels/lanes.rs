@@ -280,6 +280,9 @@ mod avx2 {
     }
 
     /// `super::shifted_sums` on f32.
+    ///
+    /// # Safety
+    /// The CPU has AVX2 and FMA.
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn shifted_sums<const AHEAD: bool>(x: &[f32], k: f64, s1: &mut Acc, s2: &mut Acc) {
         let kv = _mm256_set1_pd(k);
@@ -305,6 +308,9 @@ mod avx2 {
 
     /// `super::affine_into` on f32: ((x − hi) − lo)·a + b, a multiply and an add as in the
     /// generic code; 16 values a step, the last few one at a time with the same operations.
+    ///
+    /// # Safety
+    /// The CPU has AVX2 and FMA.
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn affine_into<const AHEAD: bool>(
         x: &[f32],
@@ -343,6 +349,10 @@ mod avx2 {
     /// `super::grad_into` and `super::grad_in_place` on f32 (`out` may be `dy`): p·dy −
     /// q·((x − hi) − lo) + r with the generic code's operations and order, 16 values a step,
     /// the last few one at a time.
+    ///
+    /// # Safety
+    /// The CPU has AVX2 and FMA; `x` and `dy` can be read and `out` written for `len` values;
+    /// `out` is `dy` or overlaps neither.
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn grad<const AHEAD: bool>(
         x: *const f32,
@@ -381,6 +391,9 @@ mod avx2 {
     }
 
     /// `super::grad_sums` on f32.
+    ///
+    /// # Safety
+    /// The CPU has AVX2 and FMA.
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn grad_sums<const AHEAD: bool>(x: &[f32], dy: &[f32], mean: f64) -> (f64, f64) {
         let mv = _mm256_set1_pd(mean);
