@@ -967,7 +967,6 @@ mod tests {
     /// Every output of the training forward and of both backward variants (into a new buffer,
     /// and over dy, which must agree).
     #[allow(clippy::type_complexity)]
-    #[allow(clippy::type_complexity)]
     fn all_outputs<T: Float>(
         x: &[T],
         dy: &[T],
