@@ -531,9 +531,14 @@ fn backward<T: Float>(
         if fixed && !needs.dw_db {
             return;
         }
+        // Each channel's mean, 1/std and weight.
+        let consts: [(f64, f64, f64); MAX_STEP_SETS] = std::array::from_fn(|i| {
+            let c = (sets.start + i).min(sets.end - 1);
+            (stats.mean[c], rstd(stats.var[c], eps), w[c].widen())
+        });
         for n in 0..g.n {
             for (i, c) in sets.clone().enumerate() {
-                let (mean, rstd) = (stats.mean[c], rstd(stats.var[c], eps));
+                let (mean, rstd, wc) = consts[i];
                 let off = (n * g.c + c) * g.s;
                 let dys = unsafe { dyp.slice_ref(off, g.s) };
                 let (sd, sdx) = lanes::grad_sums(&x[off..off + g.s], dys, mean, false);
@@ -541,7 +546,6 @@ fn backward<T: Float>(
                     pw.slice(n * g.c + c, 1)[0] = rstd * sdx;
                     pb.slice(n * g.c + c, 1)[0] = sd;
                 }
-                let wc = w[c].widen();
                 taken[i].0 += wc * sd;
                 taken[i].1 += wc * rstd * sdx;
             }
