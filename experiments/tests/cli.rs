@@ -423,18 +423,23 @@ fn benchmark_commands_print_their_tables() {
         assert!(table.contains(row), "no {row} in\n{table}");
     }
     // Several thread counts: one process each, then the scaling table from their times.
-    let table = printed(&[
-        "bench-norms",
-        "--shapes",
-        "2,8,4,4",
-        "--min-time",
-        "0",
-        "--norms",
-        "ln",
-        "--no-reference",
-        "--threads",
-        "1,2",
-    ]);
+    let one_and_two_threads = |norm: &str, more: &[&str]| {
+        let mut args = vec![
+            "bench-norms",
+            "--shapes",
+            "2,8,4,4",
+            "--min-time",
+            "0",
+            "--norms",
+            norm,
+            "--no-reference",
+            "--threads",
+            "1,2",
+        ];
+        args.extend_from_slice(more);
+        printed(&args)
+    };
+    let table = one_and_two_threads("ln", &[]);
     for line in [
         "training forward and forward+backward, 1 thread(s)",
         "training forward and forward+backward, 2 thread(s)",
@@ -445,20 +450,7 @@ fn benchmark_commands_print_their_tables() {
     }
     // Rounds alternate the thread counts' processes; the scaling table gives each ratio's
     // median and range over them.
-    let table = printed(&[
-        "bench-norms",
-        "--shapes",
-        "2,8,4,4",
-        "--min-time",
-        "0",
-        "--norms",
-        "in",
-        "--no-reference",
-        "--threads",
-        "1,2",
-        "--rounds",
-        "2",
-    ]);
+    let table = one_and_two_threads("in", &["--rounds", "2"]);
     assert!(
         table.contains("over 1 thread(s) (median of 2 rounds' ratios, with their range)"),
         "{table}"

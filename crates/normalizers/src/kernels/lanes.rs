@@ -140,7 +140,7 @@ fn padded<T: Float>(rest: &[T], fill: T) -> [T; LANES] {
 /// its caller says that memory comes next (`read_ahead`): 8 KiB. Through autograd, x, dy and
 /// y's buffer are not in cache, and the hardware prefetcher alone left the hand-written loops
 /// waiting on memory. For GroupNorm, LayerNorm and InstanceNorm, whose sets follow one another
-/// in memory, reading ahead in the reductions took 1.6–3.2 ms (10–18%) off the net
+/// in memory, reading ahead in the reductions took 1.6–3.2 ms (10–19%) off the net
 /// forward+backward at (32,64,56,56) and 0.2–0.4 ms at (32,256,14,14) in two A/B runs (2, 8
 /// and 16 KiB did about as well, 1 KiB a little less); writing ahead in the forward's output
 /// pass took up to 2 ms more off GroupNorm and InstanceNorm there, 0.1–0.2 ms at
@@ -489,17 +489,14 @@ pub fn grad_into<T: Float>(
 ) {
     assert!(x.len() == dst.len() && dy.len() == dst.len());
     #[cfg(target_arch = "x86_64")]
-    if let (Some(xs), Some(ds), true) = (T::as_f32s(x), T::as_f32s(dy), avx2_fma()) {
+    if let (Some(xs), Some(ds)) = (T::as_f32s(x), T::as_f32s(dy)) {
         if let Some(out) = T::as_f32s_mut(dst) {
-            let c = grad_consts::<f32>(mean, p, q, r);
             let out = out.as_mut_ptr().cast::<f32>();
-            // SAFETY: the CPU has AVX2 and FMA; the three slices have the same length.
-            return unsafe {
-                match read_ahead {
-                    true => avx2::grad::<true>(xs.as_ptr(), ds.as_ptr(), out, xs.len(), c),
-                    false => avx2::grad::<false>(xs.as_ptr(), ds.as_ptr(), out, xs.len(), c),
-                }
-            };
+            // SAFETY: the three slices have the same length; dst is borrowed mutably, so it
+            // overlaps neither x nor dy.
+            if unsafe { grad_f32(xs, ds.as_ptr(), out, (mean, p, q, r), read_ahead) } {
+                return;
+            }
         }
     }
     let _ = read_ahead;
@@ -519,22 +516,44 @@ pub fn grad_in_place<T: Float>(
 ) {
     assert_eq!(x.len(), dy.len());
     #[cfg(target_arch = "x86_64")]
-    if let (Some(xs), true) = (T::as_f32s(x), avx2_fma()) {
-        if T::as_f32s(dy).is_some() {
-            let c = grad_consts::<f32>(mean, p, q, r);
-            let (n, out) = (dy.len(), dy.as_mut_ptr().cast::<f32>());
-            // SAFETY: the CPU has AVX2 and FMA; T is f32; each value of dy is read before it
-            // is written, both through the one pointer from the `&mut` borrow.
-            return unsafe {
-                match read_ahead {
-                    true => avx2::grad::<true>(xs.as_ptr(), out.cast_const(), out, n, c),
-                    false => avx2::grad::<false>(xs.as_ptr(), out.cast_const(), out, n, c),
-                }
-            };
+    if let (Some(xs), true) = (T::as_f32s(x), T::as_f32s(dy).is_some()) {
+        let out = dy.as_mut_ptr().cast::<f32>();
+        // SAFETY: T is f32 and dy has x's length; each value of dy is read before it is
+        // written, both through the one pointer from the `&mut` borrow.
+        if unsafe { grad_f32(xs, out.cast_const(), out, (mean, p, q, r), read_ahead) } {
+            return;
         }
     }
     let _ = read_ahead;
     grad_in_place_generic(x, dy, mean, p, q, r)
+}
+
+/// The input gradient on f32 in AVX2, for `grad_into` and `grad_in_place`; false (nothing
+/// written) where the CPU lacks AVX2 or FMA.
+///
+/// # Safety
+/// `dy` can be read and `out` written for `x.len()` values; `out` is `dy` or overlaps neither.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+unsafe fn grad_f32(
+    x: &[f32],
+    dy: *const f32,
+    out: *mut f32,
+    (mean, p, q, r): (f64, f64, f64, f64),
+    read_ahead: bool,
+) -> bool {
+    if !avx2_fma() {
+        return false;
+    }
+    let c = grad_consts::<f32>(mean, p, q, r);
+    // SAFETY: the CPU has AVX2 and FMA; the caller vouches for the pointers.
+    unsafe {
+        match read_ahead {
+            true => avx2::grad::<true>(x.as_ptr(), dy, out, x.len(), c),
+            false => avx2::grad::<false>(x.as_ptr(), dy, out, x.len(), c),
+        }
+    }
+    true
 }
 
 dispatched! {

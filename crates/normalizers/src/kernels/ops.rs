@@ -232,10 +232,14 @@ fn set_stats<T: Float>(x: &[T], g: &Geom, set: usize) -> (f64, f64) {
         let k = *k.get_or_insert_with(|| run[0].widen());
         lanes::shifted_sums(run, k, &mut s1, &mut s2, g.contiguous_sets());
     }
-    let m = g.set_len() as f64;
-    let d = lanes::total(&s1) / m;
-    let var = (lanes::total(&s2) / m - d * d).max(0.0);
-    (k.unwrap_or(0.0) + d, var)
+    mean_var(&s1, &s2, k.unwrap_or(0.0), g.set_len() as f64)
+}
+
+/// Mean and biased variance of `m` values from their sums of x − k and (x − k)² in lanes.
+#[inline(always)]
+fn mean_var(s1: &Acc, s2: &Acc, k: f64, m: f64) -> (f64, f64) {
+    let d = lanes::total(s1) / m;
+    (k + d, (lanes::total(s2) / m - d * d).max(0.0))
 }
 
 /// `set_stats` of a block of BatchNorm channels (`sets`), into `mean` and `var`, reading x
@@ -261,11 +265,8 @@ fn channel_block_stats<T: Float>(
             lanes::shifted_sums(run, ks[i], s1, s2, false);
         }
     }
-    let m = g.set_len() as f64;
     for (i, (s1, s2)) in sums.iter().take(sets.len()).enumerate() {
-        let d = lanes::total(s1) / m;
-        var[i] = (lanes::total(s2) / m - d * d).max(0.0);
-        mean[i] = ks[i] + d;
+        (mean[i], var[i]) = mean_var(s1, s2, ks[i], g.set_len() as f64);
     }
 }
 
@@ -470,6 +471,19 @@ fn backward<T: Float>(
     // SAFETY (for every slice of x, dy, dx below): runs of different sets never overlap,
     // each set is one task's, and within it no slice of dy outlives the write over it.
     // The first pass over a set: its per-run sums into the partials, and (Σg, Σg·x̂/rstd).
+    // One run's sums (sample n, channel ch, at `off`) into the partials; returns its terms of
+    // the set's (Σg, Σg·x̂/rstd).
+    let run_sums = |off: usize, n: usize, ch: usize, mean: f64, rstd: f64| {
+        let dys = unsafe { dyp.slice_ref(off, g.s) };
+        let (sd, sdx) = lanes::grad_sums(&x[off..off + g.s], dys, mean, g.contiguous_sets());
+        // Every (sample, channel) pair belongs to exactly one set.
+        unsafe {
+            pw.slice(n * g.c + ch, 1)[0] = rstd * sdx;
+            pb.slice(n * g.c + ch, 1)[0] = sd;
+        }
+        let wc = w[ch].widen();
+        (wc * sd, wc * rstd * sdx)
+    };
     let sums = |set: usize| {
         let (mean, rstd) = (stats.mean[set], rstd(stats.var[set], eps));
         let (mut sum_g, mut sum_gx) = (0.0, 0.0);
@@ -478,17 +492,9 @@ fn backward<T: Float>(
                 if let Some(next) = g.next_sample_run(off, n) {
                     prefetch_run(next);
                 }
-                let dys = unsafe { dyp.slice_ref(off, g.s) };
-                let (sd, sdx) =
-                    lanes::grad_sums(&x[off..off + g.s], dys, mean, g.contiguous_sets());
-                // Every (sample, channel) pair belongs to exactly one set.
-                unsafe {
-                    pw.slice(n * g.c + ch, 1)[0] = rstd * sdx;
-                    pb.slice(n * g.c + ch, 1)[0] = sd;
-                }
-                let wc = w[ch].widen();
-                sum_g += wc * sd;
-                sum_gx += wc * rstd * sdx;
+                let (tg, tgx) = run_sums(off, n, ch, mean, rstd);
+                sum_g += tg;
+                sum_gx += tgx;
             }
         }
         (sum_g, sum_gx)
@@ -531,23 +537,17 @@ fn backward<T: Float>(
         if fixed && !needs.dw_db {
             return;
         }
-        // Each channel's mean, 1/std and weight.
-        let consts: [(f64, f64, f64); MAX_STEP_SETS] = std::array::from_fn(|i| {
+        // Each channel's mean and 1/std.
+        let consts: [(f64, f64); MAX_STEP_SETS] = std::array::from_fn(|i| {
             let c = (sets.start + i).min(sets.end - 1);
-            (stats.mean[c], rstd(stats.var[c], eps), w[c].widen())
+            (stats.mean[c], rstd(stats.var[c], eps))
         });
         for n in 0..g.n {
             for (i, c) in sets.clone().enumerate() {
-                let (mean, rstd, wc) = consts[i];
-                let off = (n * g.c + c) * g.s;
-                let dys = unsafe { dyp.slice_ref(off, g.s) };
-                let (sd, sdx) = lanes::grad_sums(&x[off..off + g.s], dys, mean, false);
-                unsafe {
-                    pw.slice(n * g.c + c, 1)[0] = rstd * sdx;
-                    pb.slice(n * g.c + c, 1)[0] = sd;
-                }
-                taken[i].0 += wc * sd;
-                taken[i].1 += wc * rstd * sdx;
+                let (mean, rstd) = consts[i];
+                let (tg, tgx) = run_sums((n * g.c + c) * g.s, n, c, mean, rstd);
+                taken[i].0 += tg;
+                taken[i].1 += tgx;
             }
         }
     };
