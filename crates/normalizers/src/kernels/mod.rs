@@ -22,5 +22,6 @@
 
 mod lanes;
 mod ops;
+mod parallel;
 
 pub use ops::{fused_backward, fused_normalize, fused_normalize_fixed, Sets, SharedStats, Stats};

@@ -1,15 +1,12 @@
 use super::lanes::{self, Acc, Float, LANES};
+use super::parallel;
 use candle_core::backend::BackendStorage;
 use candle_core::{
     bail, CpuStorage, CustomOp3, InplaceOp3, Layout, Result, Shape, Tensor, WithDType,
 };
-use rayon::prelude::*;
 use std::mem::MaybeUninit;
 use std::ops::Range;
 use std::sync::{Arc, Mutex, OnceLock};
-
-/// Values below which splitting work over threads costs more than it saves.
-const MIN_TASK_VALUES: usize = 1 << 15;
 
 /// Values that a task's step takes at once when sets are small (see [`Geom::par_steps`]): the
 /// statistics (or gradient sums) of a few sets first, then their outputs, so that one set's
@@ -147,11 +144,6 @@ impl Geom {
         matches!(self.sets, Sets::Groups(_))
     }
 
-    /// Sets per rayon task, so that no task is too small to be worth a thread.
-    fn min_sets_per_task(&self) -> usize {
-        (MIN_TASK_VALUES / self.set_len().max(1)).max(1)
-    }
-
     /// Sets that one step of a task takes together (see [`Geom::par_steps`]): as many as
     /// hold about [`STEP_VALUES`] values ([`CHANNEL_BLOCK_VALUES`] for BatchNorm), at most
     /// [`MAX_STEP_SETS`], at least one.
@@ -170,13 +162,13 @@ impl Geom {
     }
 
     /// Runs `f` on consecutive ranges of [`Geom::sets_per_step`] sets that together cover
-    /// every set, in parallel. The partition decides only who computes a set, never how.
+    /// every set, on the current rayon pool's threads (see [`parallel::for_each_index`]). The
+    /// partition decides only who computes a set, never how.
     fn par_steps(&self, f: impl Fn(Range<usize>) + Sync + Send) {
         let (sets, step) = (self.num_sets(), self.sets_per_step());
-        (0..sets.div_ceil(step))
-            .into_par_iter()
-            .with_min_len(self.min_sets_per_task().div_ceil(step))
-            .for_each(|i| f(i * step..((i + 1) * step).min(sets)));
+        parallel::for_each_index(sets.div_ceil(step), step * self.set_len(), |i| {
+            f(i * step..((i + 1) * step).min(sets))
+        });
     }
 }
 
