@@ -6,7 +6,7 @@ use crate::alloc;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Module, ModuleT, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
-use normalizers::kernels::{fused_backward, fused_normalize, Sets};
+use normalizers::kernels::{fused_backward, fused_normalize, lean_keeps_stats, Sets};
 use rayon::prelude::*;
 use std::path::PathBuf;
 use std::process::Command;
@@ -256,7 +256,9 @@ fn copy_bandwidth(n: usize, min_time: f64) -> Result<f64> {
 }
 
 /// Median seconds and peak memory of the fused backward kernel on its own (no autograd),
-/// output gradient `dy`.
+/// output gradient `dy`, with the statistics as training keeps them: BatchNorm's always (it
+/// updates running statistics), the others' where the lean forward keeps them (else the
+/// backward recomputes them).
 fn backward_alone(norm: &str, x: &Var, dy: &Tensor, min_time: f64) -> Result<(f64, usize)> {
     let c = x.dim(1)?;
     let (_, sets) = spec_and_sets(norm, c)?;
@@ -266,8 +268,10 @@ fn backward_alone(norm: &str, x: &Var, dy: &Tensor, min_time: f64) -> Result<(f6
         Tensor::zeros(c, DType::F32, &Device::Cpu)?,
     );
     let (_, stats) = fused_normalize(&x, &w, &b, sets, 1e-5)?;
+    let kept = (sets == Sets::Channels || lean_keeps_stats(x.dims(), sets, DType::F32)?)
+        .then_some(&*stats);
     measure(min_time, || {
-        fused_backward(&x, &w, dy, sets, &stats, 1e-5)?;
+        fused_backward(&x, &w, dy, sets, kept, 1e-5)?;
         Ok(())
     })
 }

@@ -75,8 +75,16 @@ impl BatchNorm {
                 x.dims()
             );
         }
-        let out =
-            forward::with_batch_stats(x, d, Sets::Channels, self.eps, &self.affine, self.imp)?;
+        let update = self.running.is_some() && stats == Stats::Train;
+        let out = forward::with_batch_stats(
+            x,
+            d,
+            Sets::Channels,
+            self.eps,
+            &self.affine,
+            self.imp,
+            update,
+        )?;
         if let (Some(running), Stats::Train) = (&self.running, stats) {
             let (mean, var) = out.stats()?;
             running.update(&mean, &(var * (m as f64 / (m - 1) as f64))?)?;

@@ -20,6 +20,8 @@ pub struct Normalized {
 enum BatchStats {
     /// The fused op's own, shared.
     Kernel(kernels::SharedStats),
+    /// Not kept: the caller said it needs none (see [`with_batch_stats`]).
+    NotKept,
     /// The reference ops' mean and variance.
     Tensors(Tensor, Tensor),
 }
@@ -33,6 +35,9 @@ impl Normalized {
                 Tensor::from_slice(&s.var, s.var.len(), self.y.device())?,
             ),
             BatchStats::Tensors(mean, var) => (mean.clone(), var.clone()),
+            BatchStats::NotKept => candle_core::bail!(
+                "the forward kept no batch statistics; call it with keep_stats = true to read them"
+            ),
         })
     }
 }
@@ -67,6 +72,9 @@ fn kernel_affine(
 }
 
 /// Normalizes `x` with its own statistics over `sets` and applies the affine transform.
+/// `keep_stats`: whether the caller reads [`Normalized::stats`] (to update running statistics);
+/// without it the fused op holds only what its backward needs (see
+/// [`kernels::fused_normalize_lean`]).
 pub fn with_batch_stats(
     x: &Tensor,
     d: InputDims,
@@ -74,14 +82,22 @@ pub fn with_batch_stats(
     eps: f64,
     affine: &Option<Affine>,
     imp: Impl,
+    keep_stats: bool,
 ) -> Result<Normalized> {
     if use_kernels(x, imp) {
         let dtype = kernel_dtype(x.dtype());
         let (weight, bias) = kernel_affine(affine, d.c, dtype, x)?;
-        let (y, stats) = kernels::fused_normalize(&x.to_dtype(dtype)?, &weight, &bias, sets, eps)?;
+        let xk = x.to_dtype(dtype)?;
+        let (y, stats) = if keep_stats {
+            let (y, stats) = kernels::fused_normalize(&xk, &weight, &bias, sets, eps)?;
+            (y, BatchStats::Kernel(stats))
+        } else {
+            let y = kernels::fused_normalize_lean(&xk, &weight, &bias, sets, eps)?;
+            (y, BatchStats::NotKept)
+        };
         return Ok(Normalized {
             y: y.to_dtype(x.dtype())?,
-            stats: BatchStats::Kernel(stats),
+            stats,
         });
     }
     let x3 = input::view3(x, d)?;

@@ -73,7 +73,14 @@ impl GroupNorm {
 
     /// Forward with the name `layer` in error messages; returns the output and the groups'
     /// statistics, for normalizers built on this one.
-    pub(crate) fn forward_named(&self, layer: &str, x: &Tensor) -> Result<Normalized> {
+    /// The forward as layer `layer`; `keep_stats`: whether the caller reads the batch
+    /// statistics (see [`forward::with_batch_stats`]).
+    pub(crate) fn forward_named(
+        &self,
+        layer: &str,
+        x: &Tensor,
+        keep_stats: bool,
+    ) -> Result<Normalized> {
         let d = input::check(layer, x, self.num_channels)?;
         forward::with_batch_stats(
             x,
@@ -82,6 +89,7 @@ impl GroupNorm {
             self.eps,
             &self.affine,
             self.imp,
+            keep_stats,
         )
     }
 
@@ -100,7 +108,7 @@ impl GroupNorm {
 
 impl ModuleT for GroupNorm {
     fn forward_t(&self, x: &Tensor, _train: bool) -> Result<Tensor> {
-        Ok(self.forward_named(self.spec.name(), x)?.y)
+        Ok(self.forward_named(self.spec.name(), x, false)?.y)
     }
 }
 impl Normalizer for GroupNorm {

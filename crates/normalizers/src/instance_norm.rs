@@ -65,7 +65,9 @@ impl InstanceNorm {
                 x.dims()
             );
         }
-        let out = self.inner.forward_named("in", x)?;
+        let out = self
+            .inner
+            .forward_named("in", x, self.running.is_some() && update)?;
         if let (Some(running), true) = (&self.running, update) {
             let bessel = d.s as f64 / (d.s - 1) as f64;
             let per_sample = |t: Tensor| t.reshape((d.n, d.c))?.mean(0);

@@ -104,12 +104,17 @@ proptest! {
     }
 }
 
+/// The backward kernel on its own, with the forward's statistics or recomputing them, gives
+/// autograd's gradients to the bit; and so does the lean forward (which keeps no statistics
+/// for these small sets, so that its backward recomputes them).
 #[test]
 fn the_backward_kernel_alone_gives_the_autograd_gradients() {
-    use normalizers::kernels::{fused_backward, fused_normalize, Sets};
+    use normalizers::kernels::{
+        fused_backward, fused_normalize, fused_normalize_lean, lean_keeps_stats, Sets,
+    };
     let shape = [3, 4, 5, 7];
     for (sets, dtype) in [
-        (Sets::Channels, DType::F64),
+        (Sets::Channels, DType::F32),
         (Sets::Groups(2), DType::F32),
         (Sets::Groups(4), DType::F64),
     ] {
@@ -120,11 +125,26 @@ fn the_backward_kernel_alone_gives_the_autograd_gradients() {
         let (y, stats) =
             fused_normalize(x.as_tensor(), w.as_tensor(), b.as_tensor(), sets, 1e-5).unwrap();
         let grads = weighted_sum(&y, &r).unwrap().backward().unwrap();
-        let (dx, dw, db) =
-            fused_backward(x.as_tensor(), w.as_tensor(), &r, sets, &stats, 1e-5).unwrap();
-        for (name, got, var) in [("dx", &dx, &x), ("dw", &dw, &w), ("db", &db, &b)] {
-            let want = to_f64(grads.get(var.as_tensor()).unwrap());
-            assert_close(&format!("{sets:?} {name}"), &to_f64(got), &want, 0.0);
+        assert!(!lean_keeps_stats(&shape, sets, dtype).unwrap());
+        let y_lean =
+            fused_normalize_lean(x.as_tensor(), w.as_tensor(), b.as_tensor(), sets, 1e-5).unwrap();
+        assert_close(
+            &format!("{sets:?} lean y"),
+            &to_f64(&y_lean),
+            &to_f64(&y),
+            0.0,
+        );
+        let lean_grads = weighted_sum(&y_lean, &r).unwrap().backward().unwrap();
+        for kept in [Some(&*stats), None] {
+            let (dx, dw, db) =
+                fused_backward(x.as_tensor(), w.as_tensor(), &r, sets, kept, 1e-5).unwrap();
+            for (name, got, var) in [("dx", &dx, &x), ("dw", &dw, &w), ("db", &db, &b)] {
+                let want = to_f64(grads.get(var.as_tensor()).unwrap());
+                let what = format!("{sets:?} {name}, statistics kept: {}", kept.is_some());
+                assert_close(&what, &to_f64(got), &want, 0.0);
+                let lean = to_f64(lean_grads.get(var.as_tensor()).unwrap());
+                assert_close(&format!("{sets:?} lean {name}"), &lean, &want, 0.0);
+            }
         }
     }
 }

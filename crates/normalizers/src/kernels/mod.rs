@@ -24,4 +24,7 @@ mod lanes;
 mod ops;
 mod parallel;
 
-pub use ops::{fused_backward, fused_normalize, fused_normalize_fixed, Sets, SharedStats, Stats};
+pub use ops::{
+    fused_backward, fused_normalize, fused_normalize_fixed, fused_normalize_lean, lean_keeps_stats,
+    Sets, SharedStats, Stats,
+};

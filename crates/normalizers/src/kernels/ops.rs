@@ -366,34 +366,67 @@ fn prefetch<T>(ptr: *const T, len: usize) {
     let _ = (ptr, len);
 }
 
-/// The training forward: statistics of every set, then the normalized output.
-fn forward<T: Float>(x: &[T], w: &[T], b: &[T], g: Geom, eps: f64) -> (Vec<T>, Stats) {
-    let mut stats = Stats {
+/// The mean and biased variance of a step's sets (`sets`, at most [`MAX_STEP_SETS`]) into
+/// `mean` and `var`: the forward's statistics, and the backward's when it recomputes them.
+#[inline(always)]
+fn step_stats<T: Float>(
+    x: &[T],
+    g: &Geom,
+    sets: Range<usize>,
+    mean: &mut [f64; MAX_STEP_SETS],
+    var: &mut [f64; MAX_STEP_SETS],
+) {
+    if g.channel_block(&sets) {
+        channel_block_stats(x, g, sets, mean, var);
+    } else {
+        for (i, set) in sets.enumerate() {
+            (mean[i], var[i]) = set_stats(x, g, set);
+        }
+    }
+}
+
+/// Whether the statistics of every set (two f64 each) are small next to the input, so that
+/// keeping them for the backward costs little memory: at most 1/32 of it (sets of 128 f32
+/// values or more). For smaller sets (InstanceNorm on 7×7 planes: 8% of the input) the backward
+/// recomputes them unless the caller needs them (see [`fused_normalize_lean`]).
+fn stats_are_cheap<T>(g: &Geom) -> bool {
+    2 * std::mem::size_of::<f64>() * 32 <= g.set_len() * std::mem::size_of::<T>()
+}
+
+/// The training forward: statistics of every set, then the normalized output; the statistics
+/// are returned if `keep`.
+fn forward<T: Float>(
+    x: &[T],
+    w: &[T],
+    b: &[T],
+    g: Geom,
+    eps: f64,
+    keep: bool,
+) -> (Vec<T>, Option<Stats>) {
+    let mut stats = keep.then(|| Stats {
         mean: vec![0.0; g.num_sets()],
         var: vec![0.0; g.num_sets()],
-    };
-    let (mean, var) = (
-        SharedMut(stats.mean.as_mut_ptr()),
-        SharedMut(stats.var.as_mut_ptr()),
-    );
+    });
+    let kept = stats.as_mut().map(|s| {
+        (
+            SharedMut(s.mean.as_mut_ptr()),
+            SharedMut(s.var.as_mut_ptr()),
+        )
+    });
     let y = filled(x.len(), |out| {
         g.par_steps(|sets| {
-            // SAFETY: steps cover disjoint ranges of sets.
-            let (mean, var) = unsafe {
-                (
-                    mean.slice(sets.start, sets.len()),
-                    var.slice(sets.start, sets.len()),
-                )
-            };
-            if g.channel_block(&sets) {
-                channel_block_stats(x, &g, sets.clone(), mean, var);
-            } else {
-                for (i, set) in sets.clone().enumerate() {
-                    (mean[i], var[i]) = set_stats(x, &g, set);
-                }
-            }
-            for (i, set) in sets.enumerate() {
+            let (mut mean, mut var) = ([0.0; MAX_STEP_SETS], [0.0; MAX_STEP_SETS]);
+            step_stats(x, &g, sets.clone(), &mut mean, &mut var);
+            for (i, set) in sets.clone().enumerate() {
                 normalize_set(x, w, b, &g, set, mean[i], rstd(var[i], eps), out);
+            }
+            if let Some((m, v)) = kept {
+                let k = sets.len();
+                // SAFETY: steps cover disjoint ranges of sets.
+                unsafe {
+                    m.slice(sets.start, k).copy_from_slice(&mean[..k]);
+                    v.slice(sets.start, k).copy_from_slice(&var[..k]);
+                }
             }
         });
     });
@@ -411,6 +444,9 @@ fn forward_fixed<T: Float>(x: &[T], w: &[T], b: &[T], g: Geom, stats: &Stats, ep
         });
     })
 }
+
+/// The (mean, 1/std) of each set of a step.
+type Consts = [(f64, f64); MAX_STEP_SETS];
 
 /// Which gradients the backward pass must produce.
 #[derive(Debug, Clone, Copy)]
@@ -476,8 +512,7 @@ fn backward<T: Float>(
         let wc = w[ch].widen();
         (wc * sd, wc * rstd * sdx)
     };
-    let sums = |set: usize| {
-        let (mean, rstd) = (stats.mean[set], rstd(stats.var[set], eps));
+    let sums = |set: usize, (mean, rstd): (f64, f64)| {
         let (mut sum_g, mut sum_gx) = (0.0, 0.0);
         if !fixed || needs.dw_db {
             for (off, n, ch) in g.runs(set) {
@@ -492,48 +527,44 @@ fn backward<T: Float>(
         (sum_g, sum_gx)
     };
     // The second pass: dx from the set's sums.
-    let apply =
-        |set: usize, (sum_g, sum_gx): (f64, f64), out: Option<SharedMut<MaybeUninit<T>>>| {
-            let (mean, rstd) = (stats.mean[set], rstd(stats.var[set], eps));
-            // dx = rstd·(dy·w − mean(g) − x̂·mean(g·x̂)) = p·dy − q·(x − μ) + r
-            let (q, r) = (rstd * rstd * sum_gx / m, -rstd * sum_g / m);
-            for (off, _, ch) in g.runs(set) {
-                let p = rstd * w[ch].widen();
-                let xs = &x[off..off + g.s];
-                if let Some(next) = g.next_channel_run(off, ch) {
-                    prefetch_run(next);
-                }
-                match out {
-                    None => {
-                        let dys = unsafe { dyp.slice(off, g.s) };
-                        if fixed {
-                            lanes::scale_in_place(dys, p);
-                        } else {
-                            lanes::grad_in_place(xs, dys, mean, p, q, r, g.contiguous_sets());
-                        }
+    let apply = |set: usize,
+                 (mean, rstd): (f64, f64),
+                 (sum_g, sum_gx): (f64, f64),
+                 out: Option<SharedMut<MaybeUninit<T>>>| {
+        // dx = rstd·(dy·w − mean(g) − x̂·mean(g·x̂)) = p·dy − q·(x − μ) + r
+        let (q, r) = (rstd * rstd * sum_gx / m, -rstd * sum_g / m);
+        for (off, _, ch) in g.runs(set) {
+            let p = rstd * w[ch].widen();
+            let xs = &x[off..off + g.s];
+            if let Some(next) = g.next_channel_run(off, ch) {
+                prefetch_run(next);
+            }
+            match out {
+                None => {
+                    let dys = unsafe { dyp.slice(off, g.s) };
+                    if fixed {
+                        lanes::scale_in_place(dys, p);
+                    } else {
+                        lanes::grad_in_place(xs, dys, mean, p, q, r, g.contiguous_sets());
                     }
-                    Some(out) => {
-                        let (dys, dst) = unsafe { (dyp.slice_ref(off, g.s), out.slice(off, g.s)) };
-                        if fixed {
-                            lanes::scale_into(dys, dst, p);
-                        } else {
-                            lanes::grad_into(xs, dys, dst, mean, p, q, r, g.contiguous_sets());
-                        }
+                }
+                Some(out) => {
+                    let (dys, dst) = unsafe { (dyp.slice_ref(off, g.s), out.slice(off, g.s)) };
+                    if fixed {
+                        lanes::scale_into(dys, dst, p);
+                    } else {
+                        lanes::grad_into(xs, dys, dst, mean, p, q, r, g.contiguous_sets());
                     }
                 }
             }
-        };
+        }
+    };
     // `sums` of a block of BatchNorm channels, reading x and dy sample by sample (see
     // `CHANNEL_BLOCK_VALUES`): each channel adds its runs in sample order, as `sums` does.
-    let block_sums = |sets: Range<usize>, taken: &mut [(f64, f64)]| {
+    let block_sums = |sets: Range<usize>, consts: &Consts, taken: &mut [(f64, f64)]| {
         if fixed && !needs.dw_db {
             return;
         }
-        // Each channel's mean and 1/std.
-        let consts: [(f64, f64); MAX_STEP_SETS] = std::array::from_fn(|i| {
-            let c = (sets.start + i).min(sets.end - 1);
-            (stats.mean[c], rstd(stats.var[c], eps))
-        });
         for n in 0..g.n {
             for (i, c) in sets.clone().enumerate() {
                 let (mean, rstd) = consts[i];
@@ -543,18 +574,38 @@ fn backward<T: Float>(
             }
         }
     };
+    // Each set's mean and 1/std: kept by the forward, or recomputed by its own function.
+    let consts = |sets: &Range<usize>| -> Consts {
+        let mut c = [(0.0, 0.0); MAX_STEP_SETS];
+        match stats {
+            Some(stats) => {
+                for (i, set) in sets.clone().enumerate() {
+                    c[i] = (stats.mean[set], rstd(stats.var[set], eps));
+                }
+            }
+            None => {
+                let (mut mean, mut var) = ([0.0; MAX_STEP_SETS], [0.0; MAX_STEP_SETS]);
+                step_stats(x, &g, sets.clone(), &mut mean, &mut var);
+                for i in 0..sets.len() {
+                    c[i] = (mean[i], rstd(var[i], eps));
+                }
+            }
+        }
+        c
+    };
     let step = |sets: Range<usize>, out: Option<SharedMut<MaybeUninit<T>>>| {
+        let consts = consts(&sets);
         let mut taken = [(0.0, 0.0); MAX_STEP_SETS];
         if g.channel_block(&sets) {
-            block_sums(sets.clone(), &mut taken);
+            block_sums(sets.clone(), &consts, &mut taken);
         } else {
             for (i, set) in sets.clone().enumerate() {
-                taken[i] = sums(set);
+                taken[i] = sums(set, consts[i]);
             }
         }
         if over_dy || out.is_some() {
             for (i, set) in sets.enumerate() {
-                apply(set, taken[i], out);
+                apply(set, consts[i], taken[i], out);
             }
         }
     };
@@ -580,7 +631,11 @@ struct NormOp {
     sets: Sets,
     eps: f64,
     fixed: bool,
-    stats: Arc<OnceLock<Stats>>,
+    /// Whether the caller needs the batch statistics (else they are kept only where
+    /// [`stats_are_cheap`]).
+    keep_stats: bool,
+    /// Set by the forward: the statistics, or `None` where the backward recomputes them.
+    stats: Arc<OnceLock<Option<Stats>>>,
 }
 
 fn contiguous<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [T]> {
@@ -593,12 +648,13 @@ fn contiguous<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout, what: &str) -> Re
 impl NormOp {
     fn run_forward<T: Float>(&self, x: &[T], w: &[T], b: &[T], g: Geom) -> Result<Vec<T>> {
         if self.fixed {
-            let Some(stats) = self.stats.get() else {
+            let Some(Some(stats)) = self.stats.get() else {
                 bail!("fused normalization: fixed statistics missing");
             };
             return Ok(forward_fixed(x, w, b, g, stats, self.eps));
         }
-        let (y, stats) = forward(x, w, b, g, self.eps);
+        let keep = self.keep_stats || stats_are_cheap::<T>(&g);
+        let (y, stats) = forward(x, w, b, g, self.eps, keep);
         // An op instance runs forward once; a second run would compute the same statistics.
         let _ = self.stats.set(stats);
         Ok(y)
@@ -656,6 +712,7 @@ impl CustomOp3 for NormOp {
         let Some(stats) = self.stats.get() else {
             bail!("fused normalization: backward before forward");
         };
+        let stats = stats.as_ref();
         let needs = Needs {
             dx: x.track_op(),
             dw_db: w.track_op() || b.track_op(),
@@ -675,7 +732,8 @@ impl CustomOp3 for NormOp {
 /// What the backward pass of one op call needs besides the tensors.
 struct GradCtx<'a> {
     g: Geom,
-    stats: &'a Stats,
+    /// The forward's statistics; `None`: recompute them (see [`stats_are_cheap`]).
+    stats: Option<&'a Stats>,
     eps: f64,
     fixed: bool,
     needs: Needs,
@@ -829,20 +887,54 @@ pub fn fused_normalize(
         sets,
         eps,
         fixed: false,
+        keep_stats: true,
         stats: stats.clone(),
     };
     let y = apply(x, weight, bias, op)?;
-    if stats.get().is_none() {
+    if !matches!(stats.get(), Some(Some(_))) {
         bail!("fused normalization: forward left no statistics");
     }
     Ok((y, SharedStats(stats)))
+}
+
+/// `fused_normalize` for a caller that does not need the statistics (no running statistics to
+/// update): the op keeps them for its backward only where they are small next to the input
+/// (sets of 128 f32 values or more); for smaller sets its backward recomputes each set's
+/// statistics with the forward's own function, the same bits, and the forward holds nothing
+/// beyond its output. (InstanceNorm at (8, 512, 7, 7): 8% of the input less, for a backward
+/// that reads x once more, from cache.)
+pub fn fused_normalize_lean(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    sets: Sets,
+    eps: f64,
+) -> Result<Tensor> {
+    let op = NormOp {
+        sets,
+        eps,
+        fixed: false,
+        keep_stats: false,
+        stats: Arc::new(OnceLock::new()),
+    };
+    apply(x, weight, bias, op)
+}
+
+/// Whether [`fused_normalize_lean`] keeps the statistics of an input of shape `dims` and type
+/// `dtype` (f32 or f64) for its backward, or lets the backward recompute them.
+pub fn lean_keeps_stats(dims: &[usize], sets: Sets, dtype: candle_core::DType) -> Result<bool> {
+    let g = Geom::new(dims, sets)?;
+    Ok(match dtype {
+        candle_core::DType::F64 => stats_are_cheap::<f64>(&g),
+        _ => stats_are_cheap::<f32>(&g),
+    })
 }
 
 /// The statistics of a training forward, shared with the op that keeps them for the backward
 /// rather than copied: with many small sets (InstanceNorm on 7×7 planes) a copy is 8% of the
 /// input.
 #[derive(Clone)]
-pub struct SharedStats(Arc<OnceLock<Stats>>);
+pub struct SharedStats(Arc<OnceLock<Option<Stats>>>);
 
 impl std::ops::Deref for SharedStats {
     type Target = Stats;
@@ -851,7 +943,8 @@ impl std::ops::Deref for SharedStats {
         // Only `fused_normalize` makes one, after checking that the statistics are set.
         self.0
             .get()
-            .expect("SharedStats made from a forward that set its statistics")
+            .and_then(Option::as_ref)
+            .expect("SharedStats made from a forward that kept its statistics")
     }
 }
 
@@ -877,20 +970,22 @@ pub fn fused_normalize_fixed(
         sets: Sets::Channels,
         eps,
         fixed: true,
-        stats: Arc::new(OnceLock::from(stats)),
+        keep_stats: true,
+        stats: Arc::new(OnceLock::from(Some(stats))),
     };
     apply(x, weight, bias, op)
 }
 
 /// The fused backward pass on its own, outside autograd (for benchmarks): the gradients
 /// (dx, dweight, dbias) of `fused_normalize(x, weight, _, sets, eps)` for an output gradient
-/// `dy`, given the statistics that call returned.
+/// `dy`, given the statistics that call returned (`None`: recomputed, as the backward of
+/// [`fused_normalize_lean`] does where it kept none).
 pub fn fused_backward(
     x: &Tensor,
     weight: &Tensor,
     dy: &Tensor,
     sets: Sets,
-    stats: &Stats,
+    stats: Option<&Stats>,
     eps: f64,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let ctx = GradCtx {
@@ -918,7 +1013,7 @@ mod tests {
     fn grads_of(dy: &Tensor, x: &Tensor, w: &Tensor, stats: &Stats, overwrite: bool) -> Tensor {
         let ctx = GradCtx {
             g: Geom::new(x.dims(), Sets::Groups(2)).unwrap(),
-            stats,
+            stats: Some(stats),
             eps: 1e-5,
             fixed: false,
             needs: Needs {
@@ -960,8 +1055,10 @@ mod tests {
         )
     }
 
-    /// Every output of the training forward and of both backward variants (into a new buffer,
-    /// and over dy, which must agree).
+    /// Every output of the training forward and of the backward variants, which must agree to
+    /// the bit: into a new buffer, over dy, and with the statistics recomputed (the backward of
+    /// `fused_normalize_lean` where it keeps none). The forward that keeps no statistics must
+    /// give the same output.
     #[allow(clippy::type_complexity)]
     fn all_outputs<T: Float>(
         x: &[T],
@@ -970,10 +1067,11 @@ mod tests {
         b: &[T],
         g: Geom,
     ) -> (Vec<T>, Stats, Vec<T>, Vec<T>, Vec<T>) {
-        let (y, stats) = forward(x, w, b, g, 1e-5);
-        let ctx = GradCtx {
+        let (y, stats) = forward(x, w, b, g, 1e-5, true);
+        let stats = stats.unwrap();
+        let ctx = |stats| GradCtx {
             g,
-            stats: &stats,
+            stats,
             eps: 1e-5,
             fixed: false,
             needs: Needs {
@@ -981,13 +1079,21 @@ mod tests {
                 dw_db: true,
             },
         };
-        let (dx, dw, db) = backward(x, w, Dy::Read(dy), &ctx);
+        let (dx, dw, db) = backward(x, w, Dy::Read(dy), &ctx(Some(&stats)));
         let mut over = dy.to_vec();
-        let (none, dw2, db2) = backward(x, w, Dy::Overwrite(&mut over), &ctx);
+        let (none, dw2, db2) = backward(x, w, Dy::Overwrite(&mut over), &ctx(Some(&stats)));
         assert!(none.is_none());
         assert!((&dw, &db) == (&dw2, &db2));
         let dx = dx.unwrap();
         assert!(dx == over);
+        let (dx3, dw3, db3) = backward(x, w, Dy::Read(dy), &ctx(None));
+        assert!(dx3.as_ref() == Some(&dx), "dx with recomputed statistics");
+        assert!(
+            (&dw, &db) == (&dw3, &db3),
+            "dw, db with recomputed statistics"
+        );
+        let (y_lean, kept) = forward(x, w, b, g, 1e-5, false);
+        assert!(kept.is_none() && y_lean == y);
         (y, stats, dx, dw, db)
     }
 
