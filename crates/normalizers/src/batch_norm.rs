@@ -86,8 +86,11 @@ impl BatchNorm {
             update,
         )?;
         if let (Some(running), Stats::Train) = (&self.running, stats) {
-            let (mean, var) = out.stats()?;
-            running.update(&mean, &(var * (m as f64 / (m - 1) as f64))?)?;
+            let (mean, var) = out.stat_values()?;
+            // The unbiased variance, as candle's `var * (m / (m − 1))` computes it.
+            let bessel = m as f64 / (m - 1) as f64;
+            let var: Vec<f64> = var.iter().map(|v| v * bessel + 0.0).collect();
+            running.update_values(&mean, &var)?;
         }
         Ok(out.y)
     }

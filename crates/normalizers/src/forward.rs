@@ -8,6 +8,7 @@ use crate::params::{apply_affine, Affine, RunningStats};
 use crate::reference;
 use crate::spec::Impl;
 use candle_core::{DType, Result, Tensor};
+use std::borrow::Cow;
 
 /// The output of a forward pass with batch statistics, and those statistics: the mean and
 /// biased variance of every set (C for `Sets::Channels`, N·G for `Sets::Groups`), float64,
@@ -27,6 +28,18 @@ enum BatchStats {
 }
 
 impl Normalized {
+    /// [`Normalized::stats`] as values: the fused op's own, borrowed, or the reference's.
+    #[allow(clippy::type_complexity)]
+    pub fn stat_values(&self) -> Result<(Cow<'_, [f64]>, Cow<'_, [f64]>)> {
+        Ok(match &self.stats {
+            BatchStats::Kernel(s) => (Cow::Borrowed(&s.mean[..]), Cow::Borrowed(&s.var[..])),
+            _ => {
+                let (mean, var) = self.stats()?;
+                (Cow::Owned(mean.to_vec1()?), Cow::Owned(var.to_vec1()?))
+            }
+        })
+    }
+
     /// The mean and biased variance of every set, as float64 tensors on y's device.
     pub fn stats(&self) -> Result<(Tensor, Tensor)> {
         Ok(match &self.stats {
