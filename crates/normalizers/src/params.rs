@@ -145,3 +145,62 @@ impl RunningStats {
         blend(&self.var, batch_var_unbiased)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+    use candle_nn::VarMap;
+
+    /// The update in values gives the bits of the update composed from candle ops (running ·
+    /// (1 − f) + batch · f on f64 tensors, then the running dtype), over several steps, for
+    /// both momentum kinds and both running dtypes, with values whose products round.
+    #[test]
+    fn the_update_in_values_matches_the_composed_update_bit_for_bit() {
+        let batches: Vec<(Vec<f64>, Vec<f64>)> = (0..4)
+            .map(|step| {
+                let v =
+                    |i: usize| ((i * 7 + step * 13) % 11) as f64 / 3.0 - 1.7 + step as f64 * 1e3;
+                (
+                    (0..6).map(v).collect(),
+                    (0..6).map(|i| v(i).abs() + 0.1).collect(),
+                )
+            })
+            .collect();
+        for dtype in [DType::F32, DType::F64] {
+            for momentum in [Momentum::Exponential(0.1), Momentum::Cumulative] {
+                let varmap = VarMap::new();
+                let vb = VarBuilder::from_varmap(&varmap, dtype, &Device::Cpu);
+                let stats = RunningStats::new(6, momentum, &vb).unwrap();
+                let (mut mean, mut var) = (
+                    stats.mean.as_tensor().clone(),
+                    stats.var.as_tensor().clone(),
+                );
+                for (k, (bm, bv)) in batches.iter().enumerate() {
+                    let f = match momentum {
+                        Momentum::Exponential(m) => m,
+                        Momentum::Cumulative => 1.0 / (k + 1) as f64,
+                    };
+                    let composed = |old: &Tensor, batch: &[f64]| -> Tensor {
+                        let batch = Tensor::new(batch, &Device::Cpu).unwrap();
+                        let old = old.to_dtype(DType::F64).unwrap();
+                        ((old * (1.0 - f)).unwrap() + (batch * f).unwrap())
+                            .unwrap()
+                            .to_dtype(dtype)
+                            .unwrap()
+                    };
+                    (mean, var) = (composed(&mean, bm), composed(&var, bv));
+                    stats.update_values(bm, bv).unwrap();
+                    let bits = |t: &Tensor| -> Vec<u64> {
+                        let v = t.to_dtype(DType::F64).unwrap().to_vec1::<f64>().unwrap();
+                        v.iter().map(|x| x.to_bits()).collect()
+                    };
+                    let (got_mean, got_var) = stats.stored().unwrap();
+                    let what = format!("{dtype:?} {momentum:?} step {k}");
+                    assert_eq!(bits(&got_mean), bits(&mean), "{what}: running mean");
+                    assert_eq!(bits(&got_var), bits(&var), "{what}: running var");
+                }
+            }
+        }
+    }
+}
