@@ -9,16 +9,19 @@
 //! - Forward, per set: the mean and *biased* variance in one sweep (sums of x − k and (x − k)²
 //!   in f64, k the set's first value), then y = (x − μ)·rstd·w[c] + b[c] per element in the
 //!   storage type (μ split into a high and a low part), over data still in cache. The sets'
-//!   mean and variance are kept for the backward pass and the running statistics.
+//!   mean and variance are kept for the backward pass and the running statistics; a caller
+//!   that needs no statistics (`fused_normalize_lean`) keeps them only where they are small
+//!   next to the input, and for small sets the backward recomputes them, the same bits.
 //! - Backward, per set: with x̂ = (x − μ)·rstd and g = dy·w, one pass for the per-run Σdy and
 //!   Σdy·(x − μ) (which give Σg, Σg·x̂ and the weight and bias gradients), one for
 //!   dx = rstd·(g − Σg/M − x̂·Σg·x̂/M).
 //! - Evaluation: y = (x − μ)·rstd·w[c] + b[c] with the running statistics; dx = rstd·w[c]·dy.
 //!
 //! The inner loops (`lanes`) are vectorized (an AVX2 build where the CPU has it) with
-//! reductions in a fixed lane order. Work is split over sets with rayon, each set reduced by
-//! one task, and the per-sample partial sums of dw and db added in sample order: results are
-//! bit-identical for every thread count and CPU.
+//! reductions in a fixed lane order. Work is split over steps of sets on the rayon pool's
+//! threads (`parallel`: chunks from a shared cursor, the caller spinning briefly for the last
+//! ones), each set reduced by one thread, and the per-sample partial sums of dw and db added in
+//! sample order: results are bit-identical for every thread count and CPU.
 
 mod lanes;
 mod ops;
