@@ -71,10 +71,9 @@ impl GroupNorm {
         })
     }
 
-    /// Forward with the name `layer` in error messages; returns the output and the groups'
-    /// statistics, for normalizers built on this one.
-    /// The forward as layer `layer`; `keep_stats`: whether the caller reads the batch
-    /// statistics (see [`forward::with_batch_stats`]).
+    /// Forward with the name `layer` in error messages; returns the output and, if
+    /// `keep_stats`, the groups' statistics (see [`forward::with_batch_stats`]), for normalizers
+    /// built on this one.
     pub(crate) fn forward_named(
         &self,
         layer: &str,
