@@ -614,6 +614,83 @@ fn backward<T: Float>(
             }
         }
     };
+    let reduce = |part: &[f64]| -> Vec<T> {
+        (0..g.c)
+            .map(|c| T::narrow((0..g.n).map(|n| part[n * g.c + c]).sum()))
+            .collect()
+    };
+    if let (true, false, Some(stats)) = (g.streaming, fixed, stats) {
+        // BatchNorm on a large input, training: two passes over the whole tensor in memory
+        // order, rather than one channel at a time. Channel by channel, each channel's N runs
+        // are C·S apart and its second pass reads them back from L2; in memory order both
+        // passes stream x and dy and read ahead. At (32, 64, 56, 56) the backward alone took
+        // 4.4 ms instead of 5.0–5.7 (one thread) and 2.1–2.2 instead of 2.4–2.6 (two); on
+        // inputs that stay in cache (6.4 MB and less) the channel blocks are faster (0.83
+        // against 1.07 ms at (32, 256, 14, 14)). Each run's sums, each channel's totals (its
+        // runs' terms added in sample order) and each value of dx are computed as the other
+        // path computes them: the same bits.
+        let consts: Vec<(f64, f64)> = (0..g.c)
+            .map(|c| (stats.mean[c], rstd(stats.var[c], eps)))
+            .collect();
+        let runs = g.n * g.c;
+        // Each run's term of its channel's Σg·x̂/rstd·w, as `run_sums` computes it.
+        let mut part_gx = vec![0f64; runs];
+        let pgx = SharedMut(part_gx.as_mut_ptr());
+        parallel::for_each_index(runs, 2 * g.s, |run| {
+            let c = run % g.c;
+            let off = run * g.s;
+            let (mean, rstd) = consts[c];
+            let dys = unsafe { dyp.slice_ref(off, g.s) };
+            let (sd, sdx) = lanes::grad_sums(&x[off..off + g.s], dys, mean, true);
+            // Every run is one index's.
+            unsafe {
+                pw.slice(run, 1)[0] = rstd * sdx;
+                pb.slice(run, 1)[0] = sd;
+                pgx.slice(run, 1)[0] = w[c].widen() * rstd * sdx;
+            }
+        });
+        // Each channel's (q, r) from its (Σg, Σg·x̂/rstd), the runs' terms added in sample order.
+        let qr: Vec<(f64, f64)> = (0..g.c)
+            .map(|c| {
+                let wc = w[c].widen();
+                let (mut sum_g, mut sum_gx) = (0.0, 0.0);
+                for n in 0..g.n {
+                    sum_g += wc * part_b[n * g.c + c];
+                    sum_gx += part_gx[n * g.c + c];
+                }
+                let (_, rstd) = consts[c];
+                (rstd * rstd * sum_gx / m, -rstd * sum_g / m)
+            })
+            .collect();
+        let pass = |out: Option<SharedMut<MaybeUninit<T>>>| {
+            parallel::for_each_index(runs, 2 * g.s, |run| {
+                let c = run % g.c;
+                let off = run * g.s;
+                let ((mean, rstd), (q, r)) = (consts[c], qr[c]);
+                let p = rstd * w[c].widen();
+                let xs = &x[off..off + g.s];
+                match out {
+                    None => {
+                        let dys = unsafe { dyp.slice(off, g.s) };
+                        lanes::grad_in_place(xs, dys, mean, p, q, r, true);
+                    }
+                    Some(out) => {
+                        let (dys, dst) = unsafe { (dyp.slice_ref(off, g.s), out.slice(off, g.s)) };
+                        lanes::grad_into(xs, dys, dst, mean, p, q, r, true);
+                    }
+                }
+            })
+        };
+        let dx = if needs.dx && !over_dy {
+            Some(filled(x.len(), |out| pass(Some(out))))
+        } else {
+            if over_dy {
+                pass(None);
+            }
+            None
+        };
+        return (dx, reduce(&part_w), reduce(&part_b));
+    }
     let dx = if needs.dx && !over_dy {
         Some(filled(x.len(), |out| {
             g.par_steps(|sets| step(sets, Some(out)))
@@ -621,11 +698,6 @@ fn backward<T: Float>(
     } else {
         g.par_steps(|sets| step(sets, None));
         None
-    };
-    let reduce = |part: &[f64]| -> Vec<T> {
-        (0..g.c)
-            .map(|c| T::narrow((0..g.n).map(|n| part[n * g.c + c]).sum()))
-            .collect()
     };
     (dx, reduce(&part_w), reduce(&part_b))
 }
@@ -1137,8 +1209,9 @@ mod tests {
         }
     }
 
-    /// BatchNorm on a large input prefetches and streams its output; neither may change a bit
-    /// of any output, and the backward writing over dy must give what it gives elsewhere.
+    /// BatchNorm on a large input prefetches and streams its output, and its backward makes two
+    /// passes in memory order; none of it may change a bit of any output, in f32 or in f64, and
+    /// the backward writing over dy must give what it gives elsewhere.
     #[test]
     fn streaming_changes_no_value() {
         // An odd S: runs start off 16-byte alignment, so the streamed copies have heads and tails.
@@ -1150,12 +1223,22 @@ mod tests {
             streaming: false,
             ..on
         };
-        let run = |g: Geom| all_outputs(&x, &dy, &w, &b, g);
-        let (a, b2) = (run(on), run(off));
+        same_outputs(&x, &dy, &w, &b, on, off);
+        same_outputs(&wide(&x), &wide(&dy), &wide(&w), &wide(&b), on, off);
+    }
+
+    /// Every output of `all_outputs` is the same bits with geometry `on` as with `off`.
+    fn same_outputs<T: Float>(x: &[T], dy: &[T], w: &[T], b: &[T], on: Geom, off: Geom) {
+        let (a, b2) = (all_outputs(x, dy, w, b, on), all_outputs(x, dy, w, b, off));
         assert!(a.0 == b2.0, "forward output");
         assert_eq!(a.1, b2.1, "statistics");
         assert!(a.2 == b2.2, "input gradient");
-        assert_eq!((a.3, a.4), (b2.3, b2.4), "weight and bias gradients");
+        assert!((a.3, a.4) == (b2.3, b2.4), "weight and bias gradients");
+    }
+
+    /// `v` in f64 (the backward's float64 sums then reach dx unrounded).
+    fn wide(v: &[f32]) -> Vec<f64> {
+        v.iter().map(|&v| v as f64).collect()
     }
 
     /// BatchNorm's blocks of channels, read sample by sample, give every output the bits that
@@ -1171,16 +1254,8 @@ mod tests {
             channel_blocks: false,
             ..on
         };
-        fn same<T: Float>(x: &[T], dy: &[T], w: &[T], b: &[T], on: Geom, off: Geom) {
-            let (a, b2) = (all_outputs(x, dy, w, b, on), all_outputs(x, dy, w, b, off));
-            assert!(a.0 == b2.0, "forward output");
-            assert_eq!(a.1, b2.1, "statistics");
-            assert!(a.2 == b2.2, "input gradient");
-            assert!((a.3, a.4) == (b2.3, b2.4), "weight and bias gradients");
-        }
-        same(&x, &dy, &w, &b, on, off);
-        let wide = |v: &[f32]| -> Vec<f64> { v.iter().map(|&v| v as f64).collect() };
-        same(&wide(&x), &wide(&dy), &wide(&w), &wide(&b), on, off);
+        same_outputs(&x, &dy, &w, &b, on, off);
+        same_outputs(&wide(&x), &wide(&dy), &wide(&w), &wide(&b), on, off);
     }
 
     #[test]
