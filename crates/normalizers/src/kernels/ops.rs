@@ -506,9 +506,10 @@ fn backward<T: Float>(
     // The first pass over a set: its per-run sums into the partials, and (Σg, Σg·x̂/rstd).
     // One run's sums (sample n, channel ch, at `off`) into the partials; returns its terms of
     // the set's (Σg, Σg·x̂/rstd).
-    let run_sums = |off: usize, n: usize, ch: usize, mean: f64, rstd: f64| {
+    // `ahead`: whether the memory after the run is read next (see `lanes::READ_AHEAD_BYTES`).
+    let run_sums = |off: usize, n: usize, ch: usize, (mean, rstd): (f64, f64), ahead: bool| {
         let dys = unsafe { dyp.slice_ref(off, g.s) };
-        let (sd, sdx) = lanes::grad_sums(&x[off..off + g.s], dys, mean, g.contiguous_sets());
+        let (sd, sdx) = lanes::grad_sums(&x[off..off + g.s], dys, mean, ahead);
         // Every (sample, channel) pair belongs to exactly one set.
         unsafe {
             pw.slice(n * g.c + ch, 1)[0] = rstd * sdx;
@@ -524,44 +525,55 @@ fn backward<T: Float>(
                 if let Some(next) = g.next_sample_run(off, n) {
                     prefetch_run(next);
                 }
-                let (tg, tgx) = run_sums(off, n, ch, mean, rstd);
+                let (tg, tgx) = run_sums(off, n, ch, (mean, rstd), g.contiguous_sets());
                 sum_g += tg;
                 sum_gx += tgx;
             }
         }
         (sum_g, sum_gx)
     };
+    // The (q, r) of dx = rstd·(dy·w − mean(g) − x̂·mean(g·x̂)) = p·dy − q·(x − μ) + r, from
+    // the set's (Σg, Σg·x̂/rstd).
+    let qr = |rstd: f64, (sum_g, sum_gx): (f64, f64)| (rstd * rstd * sum_gx / m, -rstd * sum_g / m);
+    // One run's dx (channel `ch`, at `off`), over dy (`out` None) or into `out`.
+    let run_dx = |off: usize,
+                  ch: usize,
+                  (mean, rstd): (f64, f64),
+                  (q, r): (f64, f64),
+                  out: Option<SharedMut<MaybeUninit<T>>>,
+                  ahead: bool| {
+        let p = rstd * w[ch].widen();
+        let xs = &x[off..off + g.s];
+        match out {
+            None => {
+                let dys = unsafe { dyp.slice(off, g.s) };
+                if fixed {
+                    lanes::scale_in_place(dys, p);
+                } else {
+                    lanes::grad_in_place(xs, dys, mean, p, q, r, ahead);
+                }
+            }
+            Some(out) => {
+                let (dys, dst) = unsafe { (dyp.slice_ref(off, g.s), out.slice(off, g.s)) };
+                if fixed {
+                    lanes::scale_into(dys, dst, p);
+                } else {
+                    lanes::grad_into(xs, dys, dst, mean, p, q, r, ahead);
+                }
+            }
+        }
+    };
     // The second pass: dx from the set's sums.
     let apply = |set: usize,
-                 (mean, rstd): (f64, f64),
-                 (sum_g, sum_gx): (f64, f64),
+                 consts: (f64, f64),
+                 sums: (f64, f64),
                  out: Option<SharedMut<MaybeUninit<T>>>| {
-        // dx = rstd·(dy·w − mean(g) − x̂·mean(g·x̂)) = p·dy − q·(x − μ) + r
-        let (q, r) = (rstd * rstd * sum_gx / m, -rstd * sum_g / m);
+        let qr = qr(consts.1, sums);
         for (off, _, ch) in g.runs(set) {
-            let p = rstd * w[ch].widen();
-            let xs = &x[off..off + g.s];
             if let Some(next) = g.next_channel_run(off, ch) {
                 prefetch_run(next);
             }
-            match out {
-                None => {
-                    let dys = unsafe { dyp.slice(off, g.s) };
-                    if fixed {
-                        lanes::scale_in_place(dys, p);
-                    } else {
-                        lanes::grad_in_place(xs, dys, mean, p, q, r, g.contiguous_sets());
-                    }
-                }
-                Some(out) => {
-                    let (dys, dst) = unsafe { (dyp.slice_ref(off, g.s), out.slice(off, g.s)) };
-                    if fixed {
-                        lanes::scale_into(dys, dst, p);
-                    } else {
-                        lanes::grad_into(xs, dys, dst, mean, p, q, r, g.contiguous_sets());
-                    }
-                }
-            }
+            run_dx(off, ch, consts, qr, out, g.contiguous_sets());
         }
     };
     // `sums` of a block of BatchNorm channels, reading x and dy sample by sample (see
@@ -572,8 +584,7 @@ fn backward<T: Float>(
         }
         for n in 0..g.n {
             for (i, c) in sets.clone().enumerate() {
-                let (mean, rstd) = consts[i];
-                let (tg, tgx) = run_sums((n * g.c + c) * g.s, n, c, mean, rstd);
+                let (tg, tgx) = run_sums((n * g.c + c) * g.s, n, c, consts[i], false);
                 taken[i].0 += tg;
                 taken[i].1 += tgx;
             }
@@ -633,52 +644,30 @@ fn backward<T: Float>(
             .map(|c| (stats.mean[c], rstd(stats.var[c], eps)))
             .collect();
         let runs = g.n * g.c;
-        // Each run's term of its channel's Σg·x̂/rstd·w, as `run_sums` computes it.
-        let mut part_gx = vec![0f64; runs];
-        let pgx = SharedMut(part_gx.as_mut_ptr());
+        // Each run's terms of its channel's (Σg, Σg·x̂/rstd).
+        let mut terms = vec![(0f64, 0f64); runs];
+        let tp = SharedMut(terms.as_mut_ptr());
         parallel::for_each_index(runs, 2 * g.s, |run| {
-            let c = run % g.c;
-            let off = run * g.s;
-            let (mean, rstd) = consts[c];
-            let dys = unsafe { dyp.slice_ref(off, g.s) };
-            let (sd, sdx) = lanes::grad_sums(&x[off..off + g.s], dys, mean, true);
+            let (n, c) = (run / g.c, run % g.c);
             // Every run is one index's.
-            unsafe {
-                pw.slice(run, 1)[0] = rstd * sdx;
-                pb.slice(run, 1)[0] = sd;
-                pgx.slice(run, 1)[0] = w[c].widen() * rstd * sdx;
-            }
+            unsafe { tp.slice(run, 1)[0] = run_sums(run * g.s, n, c, consts[c], true) };
         });
-        // Each channel's (q, r) from its (Σg, Σg·x̂/rstd), the runs' terms added in sample order.
+        // Each channel's (q, r), its runs' terms added in sample order.
         let qr: Vec<(f64, f64)> = (0..g.c)
             .map(|c| {
-                let wc = w[c].widen();
                 let (mut sum_g, mut sum_gx) = (0.0, 0.0);
                 for n in 0..g.n {
-                    sum_g += wc * part_b[n * g.c + c];
-                    sum_gx += part_gx[n * g.c + c];
+                    let (tg, tgx) = terms[n * g.c + c];
+                    sum_g += tg;
+                    sum_gx += tgx;
                 }
-                let (_, rstd) = consts[c];
-                (rstd * rstd * sum_gx / m, -rstd * sum_g / m)
+                qr(consts[c].1, (sum_g, sum_gx))
             })
             .collect();
         let pass = |out: Option<SharedMut<MaybeUninit<T>>>| {
             parallel::for_each_index(runs, 2 * g.s, |run| {
                 let c = run % g.c;
-                let off = run * g.s;
-                let ((mean, rstd), (q, r)) = (consts[c], qr[c]);
-                let p = rstd * w[c].widen();
-                let xs = &x[off..off + g.s];
-                match out {
-                    None => {
-                        let dys = unsafe { dyp.slice(off, g.s) };
-                        lanes::grad_in_place(xs, dys, mean, p, q, r, true);
-                    }
-                    Some(out) => {
-                        let (dys, dst) = unsafe { (dyp.slice_ref(off, g.s), out.slice(off, g.s)) };
-                        lanes::grad_into(xs, dys, dst, mean, p, q, r, true);
-                    }
-                }
+                run_dx(run * g.s, c, consts[c], qr[c], out, true);
             })
         };
         let dx = if needs.dx && !over_dy {
