@@ -644,22 +644,23 @@ fn backward<T: Float>(
             .map(|c| (stats.mean[c], rstd(stats.var[c], eps)))
             .collect();
         let runs = g.n * g.c;
-        // Each run's terms of its channel's (Σg, Σg·x̂/rstd).
-        let mut terms = vec![(0f64, 0f64); runs];
-        let tp = SharedMut(terms.as_mut_ptr());
+        // Each run's term of its channel's Σg·x̂/rstd; its term of Σg, w[c]·Σdy, is computed
+        // again from the bias gradient's partial (Σdy), as `run_sums` computes it.
+        let mut terms_gx = vec![0f64; runs];
+        let tp = SharedMut(terms_gx.as_mut_ptr());
         parallel::for_each_index(runs, 2 * g.s, |run| {
             let (n, c) = (run / g.c, run % g.c);
             // Every run is one index's.
-            unsafe { tp.slice(run, 1)[0] = run_sums(run * g.s, n, c, consts[c], true) };
+            unsafe { tp.slice(run, 1)[0] = run_sums(run * g.s, n, c, consts[c], true).1 };
         });
         // Each channel's (q, r), its runs' terms added in sample order.
         let qr: Vec<(f64, f64)> = (0..g.c)
             .map(|c| {
+                let wc = w[c].widen();
                 let (mut sum_g, mut sum_gx) = (0.0, 0.0);
                 for n in 0..g.n {
-                    let (tg, tgx) = terms[n * g.c + c];
-                    sum_g += tg;
-                    sum_gx += tgx;
+                    sum_g += wc * part_b[n * g.c + c];
+                    sum_gx += terms_gx[n * g.c + c];
                 }
                 qr(consts[c].1, (sum_g, sum_gx))
             })
