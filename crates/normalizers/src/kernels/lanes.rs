@@ -209,6 +209,20 @@ pub fn shifted_sums_generic<T: Float>(x: &[T], k: f64, s1: &mut Acc, s2: &mut Ac
 }
 }
 
+/// `grad_sums` of a run of one value: lane 0 takes dy and dy·(x − mean), the other lanes add
+/// exact zeros (dy padded with zeros), and `total` adds them up: the same bits as a call on a
+/// one-value slice, without the call.
+#[inline(always)]
+pub fn grad_sums_one<T: Float>(x: T, dy: T, mean: f64) -> (f64, f64) {
+    let d = dy.widen();
+    let lane0 = |v: f64| {
+        let mut a = [0.0; LANES];
+        a[0] += v;
+        total(&a)
+    };
+    (lane0(d), lane0(d * (x.widen() - mean)))
+}
+
 dispatched! {
 grad_sums_plain;
 /// `grad_sums` for any `Float`, left to the compiler to vectorize.
@@ -454,22 +468,35 @@ dispatched! {
 affine_into_plain;
 /// `affine_into` for any `Float`, left to the compiler to vectorize.
 pub fn affine_into_generic<T: Float>(x: &[T], dst: &mut [MaybeUninit<T>], mean: f64, a: f64, b: f64) {
-    let ((hi, lo), a, b) = (T::split(mean), T::narrow(a), T::narrow(b));
+    let c = affine_consts::<T>(mean, a, b);
     for (d, &v) in dst.iter_mut().zip(x) {
-        d.write(((v - hi) - lo) * a + b);
+        d.write(affine_of(v, c));
     }
 }
 }
 
+/// The output of one value: (x − mean)·a + b, with mean = hi + lo, as every `affine_into`
+/// computes it (the f32 intrinsics lane for lane).
+#[inline(always)]
+pub fn affine_of<T: Float>(v: T, ((hi, lo), a, b): ((T, T), T, T)) -> T {
+    ((v - hi) - lo) * a + b
+}
+
+/// The constants of `affine_of` in `T`.
+#[inline(always)]
+pub fn affine_consts<T: Float>(mean: f64, a: f64, b: f64) -> ((T, T), T, T) {
+    (T::split(mean), T::narrow(a), T::narrow(b))
+}
+
 /// The input gradient of one value: p·dy − q·(x − mean) + r, with mean = hi + lo.
 #[inline(always)]
-fn grad_of<T: Float>(xv: T, dv: T, (hi, lo): (T, T), (p, q, r): (T, T, T)) -> T {
+pub fn grad_of<T: Float>(xv: T, dv: T, (hi, lo): (T, T), (p, q, r): (T, T, T)) -> T {
     p * dv - q * ((xv - hi) - lo) + r
 }
 
 /// The constants of `grad_of` in `T`.
 #[inline(always)]
-fn grad_consts<T: Float>(mean: f64, p: f64, q: f64, r: f64) -> ((T, T), (T, T, T)) {
+pub fn grad_consts<T: Float>(mean: f64, p: f64, q: f64, r: f64) -> ((T, T), (T, T, T)) {
     (T::split(mean), (T::narrow(p), T::narrow(q), T::narrow(r)))
 }
 

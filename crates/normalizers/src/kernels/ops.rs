@@ -16,8 +16,12 @@ use std::sync::{Arc, Mutex, OnceLock};
 /// the backward); for sets of 1,000 values and more it changes nothing.
 const STEP_VALUES: usize = 1024;
 
-/// The most sets one step takes.
-const MAX_STEP_SETS: usize = 8;
+/// The most sets one step takes: [`MAX_USUAL_STEP_SETS`], or for BatchNorm's runs of one value
+/// (see [`Geom::sets_per_step`]) a cache line of f32 channels.
+const MAX_STEP_SETS: usize = 16;
+
+/// The most sets one step takes, but for BatchNorm's runs of one value.
+const MAX_USUAL_STEP_SETS: usize = 8;
 
 /// Values of x that a BatchNorm step takes at once (see [`Geom::par_steps`]): a block of
 /// channels whose reductions read x sample by sample. One channel's runs are S values each, C·S
@@ -56,6 +60,9 @@ struct Geom {
     /// BatchNorm's steps take blocks of channels read sample by sample (see
     /// [`CHANNEL_BLOCK_VALUES`]); always, but for the test that this changes no bit.
     channel_blocks: bool,
+    /// BatchNorm's blocks of runs of one value go value by value (see [`Geom::one_value_runs`]);
+    /// always, but for the test that this changes no bit.
+    short_runs: bool,
 }
 
 /// Values from which BatchNorm streams (16 MiB of f32). At (32, 64, 56, 56), 25.7 MB, the
@@ -69,6 +76,10 @@ struct Geom {
 /// copy bandwidth.)
 const STREAMING_MIN_VALUES: usize = 1 << 22;
 
+/// Values per run from which BatchNorm streams (1 KiB of f32): prefetching and streaming runs
+/// of a few values costs more than it saves.
+const STREAMING_MIN_RUN: usize = 256;
+
 impl Geom {
     fn new(dims: &[usize], sets: Sets) -> Result<Self> {
         let &[n, c, ref spatial @ ..] = dims else {
@@ -80,8 +91,11 @@ impl Geom {
             c,
             s,
             sets,
-            streaming: sets == Sets::Channels && n * c * s >= STREAMING_MIN_VALUES,
+            streaming: sets == Sets::Channels
+                && n * c * s >= STREAMING_MIN_VALUES
+                && s >= STREAMING_MIN_RUN,
             channel_blocks: true,
+            short_runs: true,
         };
         if let Sets::Groups(g) = sets {
             if g == 0 || c % g != 0 {
@@ -152,13 +166,29 @@ impl Geom {
             Sets::Channels => CHANNEL_BLOCK_VALUES,
             Sets::Groups(_) => STEP_VALUES,
         };
-        (values / self.set_len().max(1)).clamp(1, MAX_STEP_SETS)
+        let usual = (values / self.set_len().max(1)).clamp(1, MAX_USUAL_STEP_SETS);
+        if self.sets == Sets::Channels && self.s == 1 && self.short_runs && self.channel_blocks {
+            // Each sample's row of the block is then at least a cache line of f32, so that the
+            // block's passes read every line once rather than once per block.
+            MAX_STEP_SETS
+        } else {
+            usual
+        }
     }
 
     /// Whether a step's sets are a block of BatchNorm channels, read sample by sample.
     #[inline(always)]
     fn channel_block(&self, sets: &Range<usize>) -> bool {
         self.channel_blocks && self.sets == Sets::Channels && sets.len() > 1
+    }
+
+    /// Whether a step's sets are a block of BatchNorm channels whose runs are one value each
+    /// (an (N, C) input): then its passes go value by value along each sample's row, with the
+    /// operations the lane-wise loops apply to lane 0 of a one-value run (its other lanes only
+    /// ever add exact zeros), rather than a loop call per value. The same bits.
+    #[inline(always)]
+    fn one_value_runs(&self, sets: &Range<usize>) -> bool {
+        self.short_runs && self.s == 1 && self.channel_block(sets)
     }
 
     /// Runs `f` on consecutive ranges of [`Geom::sets_per_step`] sets that together cover
@@ -215,6 +245,18 @@ fn filled<T>(len: usize, fill: impl FnOnce(SharedMut<MaybeUninit<T>>)) -> Vec<T>
 /// algorithm: no cancellation for a large mean); returns k. [`mean_var`] finishes them.
 #[inline(always)]
 fn set_sums<T: Float>(x: &[T], g: &Geom, set: usize, s1: &mut Acc, s2: &mut Acc) -> f64 {
+    if g.s == 1 && g.short_runs {
+        // Runs of one value: lane 0 takes each, as `lanes::shifted_sums` does on a one-value
+        // run (its other lanes add exact zeros), without a call per value.
+        let mut k = None;
+        for (off, _, _) in g.runs(set) {
+            let v = x[off].widen();
+            let d = v - *k.get_or_insert(v);
+            s1[0] += d;
+            s2[0] += d * d;
+        }
+        return k.unwrap_or(0.0);
+    }
     let mut k = None;
     for (off, n, _) in g.runs(set) {
         let run = &x[off..off + g.s];
@@ -244,6 +286,21 @@ fn channel_block_sums<T: Float>(
     sums: &mut [(Acc, Acc); MAX_STEP_SETS],
     ks: &mut [f64; MAX_STEP_SETS],
 ) {
+    if g.one_value_runs(&sets) {
+        for n in 0..g.n {
+            let row = &x[n * g.c + sets.start..n * g.c + sets.end];
+            for (i, v) in row.iter().enumerate() {
+                if n == 0 {
+                    ks[i] = v.widen();
+                }
+                let d = v.widen() - ks[i];
+                let (s1, s2) = &mut sums[i];
+                s1[0] += d;
+                s2[0] += d * d;
+            }
+        }
+        return;
+    }
     for n in 0..g.n {
         for (i, c) in sets.clone().enumerate() {
             let off = (n * g.c + c) * g.s;
@@ -274,7 +331,9 @@ fn normalize_set<T: Float>(
         // SAFETY: runs of different sets never overlap.
         let dst = unsafe { out.slice(off, g.s) };
         let (xs, a, b) = (&x[off..off + g.s], rstd * w[ch].widen(), b[ch].widen());
-        if g.streaming {
+        if g.s == 1 && g.short_runs && !g.streaming {
+            dst[0].write(lanes::affine_of(xs[0], lanes::affine_consts(mean, a, b)));
+        } else if g.streaming {
             // Through a buffer in L1, then to memory without reading y's lines first.
             let mut buf = [MaybeUninit::<T>::uninit(); STREAM_CHUNK];
             for (xc, dc) in xs.chunks(STREAM_CHUNK).zip(dst.chunks_mut(STREAM_CHUNK)) {
@@ -291,6 +350,33 @@ fn normalize_set<T: Float>(
     }
     if g.streaming {
         store_fence();
+    }
+}
+
+/// `normalize_set` of a block of BatchNorm channels whose runs are one value each (see
+/// [`Geom::one_value_runs`]), sample by sample: each value as `lanes::affine_into` computes it.
+#[allow(clippy::too_many_arguments)]
+fn normalize_rows<T: Float>(
+    x: &[T],
+    w: &[T],
+    b: &[T],
+    g: &Geom,
+    sets: Range<usize>,
+    (mean, var): (&[f64; MAX_STEP_SETS], &[f64; MAX_STEP_SETS]),
+    eps: f64,
+    out: SharedMut<MaybeUninit<T>>,
+) {
+    let consts: [_; MAX_STEP_SETS] = std::array::from_fn(|i| {
+        let c = (sets.start + i).min(sets.end - 1);
+        lanes::affine_consts::<T>(mean[i], rstd(var[i], eps) * w[c].widen(), b[c].widen())
+    });
+    for n in 0..g.n {
+        let off = n * g.c + sets.start;
+        // SAFETY: the block's channels are this step's alone.
+        let dst = unsafe { out.slice(off, sets.len()) };
+        for (i, (d, &v)) in dst.iter_mut().zip(&x[off..off + sets.len()]).enumerate() {
+            d.write(lanes::affine_of(v, consts[i]));
+        }
     }
 }
 
@@ -422,8 +508,12 @@ fn forward<T: Float>(
         g.par_steps(|sets| {
             let (mut mean, mut var) = ([0.0; MAX_STEP_SETS], [0.0; MAX_STEP_SETS]);
             step_stats(x, &g, sets.clone(), &mut mean, &mut var);
-            for (i, set) in sets.clone().enumerate() {
-                normalize_set(x, w, b, &g, set, mean[i], rstd(var[i], eps), out);
+            if g.one_value_runs(&sets) {
+                normalize_rows(x, w, b, &g, sets.clone(), (&mean, &var), eps, out);
+            } else {
+                for (i, set) in sets.clone().enumerate() {
+                    normalize_set(x, w, b, &g, set, mean[i], rstd(var[i], eps), out);
+                }
             }
             if let Some((m, v)) = kept {
                 let k = sets.len();
@@ -508,8 +598,12 @@ fn backward<T: Float>(
     // the set's (Σg, Σg·x̂/rstd).
     // `ahead`: whether the memory after the run is read next (see `lanes::READ_AHEAD_BYTES`).
     let run_sums = |off: usize, n: usize, ch: usize, (mean, rstd): (f64, f64), ahead: bool| {
-        let dys = unsafe { dyp.slice_ref(off, g.s) };
-        let (sd, sdx) = lanes::grad_sums(&x[off..off + g.s], dys, mean, ahead);
+        let (sd, sdx) = if g.s == 1 && g.short_runs {
+            lanes::grad_sums_one(x[off], unsafe { dyp.slice_ref(off, 1) }[0], mean)
+        } else {
+            let dys = unsafe { dyp.slice_ref(off, g.s) };
+            lanes::grad_sums(&x[off..off + g.s], dys, mean, ahead)
+        };
         // Every (sample, channel) pair belongs to exactly one set.
         unsafe {
             pw.slice(n * g.c + ch, 1)[0] = rstd * sdx;
@@ -544,6 +638,21 @@ fn backward<T: Float>(
                   ahead: bool| {
         let p = rstd * w[ch].widen();
         let xs = &x[off..off + g.s];
+        if g.s == 1 && g.short_runs && !fixed {
+            let (m, k) = lanes::grad_consts::<T>(mean, p, q, r);
+            match out {
+                None => {
+                    let d = unsafe { dyp.slice(off, 1) };
+                    d[0] = lanes::grad_of(xs[0], d[0], m, k);
+                }
+                Some(out) => {
+                    let dv = unsafe { dyp.slice_ref(off, 1) }[0];
+                    let dst = unsafe { out.slice(off, 1) };
+                    dst[0].write(lanes::grad_of(xs[0], dv, m, k));
+                }
+            }
+            return;
+        }
         match out {
             None => {
                 let dys = unsafe { dyp.slice(off, g.s) };
@@ -574,6 +683,38 @@ fn backward<T: Float>(
                 prefetch_run(next);
             }
             run_dx(off, ch, consts, qr, out, g.contiguous_sets());
+        }
+    };
+    // `apply` of a block of BatchNorm channels whose runs are one value each (see
+    // `Geom::one_value_runs`), sample by sample: each value as `run_dx` computes it.
+    let rows_dx = |sets: Range<usize>,
+                   consts: &Consts,
+                   taken: &[(f64, f64); MAX_STEP_SETS],
+                   out: Option<SharedMut<MaybeUninit<T>>>| {
+        let k: [_; MAX_STEP_SETS] = std::array::from_fn(|i| {
+            let c = (sets.start + i).min(sets.end - 1);
+            let (mean, rstd) = consts[i];
+            let (q, r) = qr(rstd, taken[i]);
+            lanes::grad_consts::<T>(mean, rstd * w[c].widen(), q, r)
+        });
+        for n in 0..g.n {
+            let off = n * g.c + sets.start;
+            let xs = &x[off..off + sets.len()];
+            match out {
+                None => {
+                    let dys = unsafe { dyp.slice(off, sets.len()) };
+                    for (i, (d, &xv)) in dys.iter_mut().zip(xs).enumerate() {
+                        *d = lanes::grad_of(xv, *d, k[i].0, k[i].1);
+                    }
+                }
+                Some(out) => {
+                    let (dys, dst) =
+                        unsafe { (dyp.slice_ref(off, sets.len()), out.slice(off, sets.len())) };
+                    for (i, ((d, &xv), &dv)) in dst.iter_mut().zip(xs).zip(dys).enumerate() {
+                        d.write(lanes::grad_of(xv, dv, k[i].0, k[i].1));
+                    }
+                }
+            }
         }
     };
     // `sums` of a block of BatchNorm channels, reading x and dy sample by sample (see
@@ -619,16 +760,25 @@ fn backward<T: Float>(
                 taken[i] = sums(set, consts[i]);
             }
         }
-        if over_dy || out.is_some() {
+        if (over_dy || out.is_some()) && g.one_value_runs(&sets) && !fixed {
+            rows_dx(sets, &consts, &taken, out);
+        } else if over_dy || out.is_some() {
             for (i, set) in sets.enumerate() {
                 apply(set, consts[i], taken[i], out);
             }
         }
     };
+    // Each channel's partials added in sample order, as `Iterator::sum` adds them (from its own
+    // starting value), row by row: a column at a time reads the partials C apart, which for an
+    // (N, C) input of many samples is a cache miss per partial.
     let reduce = |part: &[f64]| -> Vec<T> {
-        (0..g.c)
-            .map(|c| T::narrow((0..g.n).map(|n| part[n * g.c + c]).sum()))
-            .collect()
+        let mut acc = vec![std::iter::empty::<f64>().sum::<f64>(); g.c];
+        for row in part.chunks_exact(g.c) {
+            for (a, &v) in acc.iter_mut().zip(row) {
+                *a += v;
+            }
+        }
+        acc.into_iter().map(T::narrow).collect()
     };
     if let (true, false, Some(stats)) = (g.streaming, fixed, stats) {
         // BatchNorm on a large input, training: two passes over the whole tensor in memory
@@ -1231,6 +1381,25 @@ mod tests {
         v.iter().map(|&v| v as f64).collect()
     }
 
+    /// Runs of one value (an (N, C) input) go value by value: every output keeps the bits of
+    /// the lane-wise loops, for BatchNorm's blocks (of 8 channels and a last one of 3, and one
+    /// large enough for several threads' steps) and for groups, in f32 and in f64.
+    #[test]
+    fn one_value_runs_change_no_value() {
+        for (n, c) in [(37, 19), (2000, 64)] {
+            let (x, dy, w, b) = inputs(n, c, 1);
+            for sets in [Sets::Channels, Sets::Groups(1), Sets::Groups(c)] {
+                let on = Geom::new(&[n, c, 1], sets).unwrap();
+                let off = Geom {
+                    short_runs: false,
+                    ..on
+                };
+                same_outputs(&x, &dy, &w, &b, on, off);
+                same_outputs(&wide(&x), &wide(&dy), &wide(&w), &wide(&b), on, off);
+            }
+        }
+    }
+
     /// BatchNorm's blocks of channels, read sample by sample, give every output the bits that
     /// one channel at a time gives (blocks of 8 channels and a last one of 3), in f32 and in f64
     /// (where the backward's float64 sums reach dx unrounded).
@@ -1239,7 +1408,7 @@ mod tests {
         let (n, c, s) = (6, 11, 97);
         let (x, dy, w, b) = inputs(n, c, s);
         let on = Geom::new(&[n, c, s], Sets::Channels).unwrap();
-        assert_eq!(on.sets_per_step(), MAX_STEP_SETS);
+        assert_eq!(on.sets_per_step(), MAX_USUAL_STEP_SETS);
         let off = Geom {
             channel_blocks: false,
             ..on
