@@ -572,9 +572,17 @@ fn backward<T: Float>(
         fixed,
         needs,
     } = ctx;
-    // Per-(sample, channel) sums of dy·x̂ and dy, added over samples afterwards.
-    let mut part_w = vec![0f64; g.n * g.c];
-    let mut part_b = vec![0f64; g.n * g.c];
+    // BatchNorm on a large input, training: two passes in memory order (below).
+    let two_pass = g.streaming && !fixed && stats.is_some();
+    // The weight and bias gradients' sums of dy·x̂ and dy. Where each channel is one step's
+    // (BatchNorm, but for two passes), added up per channel as its runs come, in sample order;
+    // elsewhere one partial per (sample, channel), added over samples afterwards (`reduce`).
+    // Either way from `Iterator::sum`'s own starting value, in the same order.
+    let per_channel = g.sets == Sets::Channels && !two_pass;
+    let zero_sum = std::iter::empty::<f64>().sum::<f64>();
+    let parts = if per_channel { g.c } else { g.n * g.c };
+    let mut part_w = vec![zero_sum; parts];
+    let mut part_b = vec![zero_sum; parts];
     let (pw, pb) = (
         SharedMut(part_w.as_mut_ptr()),
         SharedMut(part_b.as_mut_ptr()),
@@ -604,10 +612,16 @@ fn backward<T: Float>(
             let dys = unsafe { dyp.slice_ref(off, g.s) };
             lanes::grad_sums(&x[off..off + g.s], dys, mean, ahead)
         };
-        // Every (sample, channel) pair belongs to exactly one set.
+        // Every (sample, channel) pair belongs to exactly one set, and with `per_channel`
+        // every channel to one step, which takes its runs in sample order.
         unsafe {
-            pw.slice(n * g.c + ch, 1)[0] = rstd * sdx;
-            pb.slice(n * g.c + ch, 1)[0] = sd;
+            if per_channel {
+                pw.slice(ch, 1)[0] += rstd * sdx;
+                pb.slice(ch, 1)[0] += sd;
+            } else {
+                pw.slice(n * g.c + ch, 1)[0] = rstd * sdx;
+                pb.slice(n * g.c + ch, 1)[0] = sd;
+            }
         }
         let wc = w[ch].widen();
         (wc * sd, wc * rstd * sdx)
@@ -772,7 +786,10 @@ fn backward<T: Float>(
     // starting value), row by row: a column at a time reads the partials C apart, which for an
     // (N, C) input of many samples is a cache miss per partial.
     let reduce = |part: &[f64]| -> Vec<T> {
-        let mut acc = vec![std::iter::empty::<f64>().sum::<f64>(); g.c];
+        if per_channel {
+            return part.iter().map(|&v| T::narrow(v)).collect();
+        }
+        let mut acc = vec![zero_sum; g.c];
         for row in part.chunks_exact(g.c) {
             for (a, &v) in acc.iter_mut().zip(row) {
                 *a += v;
@@ -780,7 +797,7 @@ fn backward<T: Float>(
         }
         acc.into_iter().map(T::narrow).collect()
     };
-    if let (true, false, Some(stats)) = (g.streaming, fixed, stats) {
+    if let (true, Some(stats)) = (two_pass, stats) {
         // BatchNorm on a large input, training: two passes over the whole tensor in memory
         // order, rather than one channel at a time. Channel by channel, each channel's N runs
         // are C·S apart and its second pass reads them back from L2; in memory order both
