@@ -579,8 +579,16 @@ fn backward<T: Float>(
     // elsewhere one partial per (sample, channel), added over samples afterwards (`reduce`).
     // Either way from `Iterator::sum`'s own starting value, in the same order.
     let per_channel = g.sets == Sets::Channels && !two_pass;
+    // Groups of one-value runs: the weight and bias gradients come from a pass of their own
+    // (below), per channel in sample order, before dx may overwrite dy; a partial per (sample,
+    // channel) would be four times such an input.
+    let groups_apart = matches!(g.sets, Sets::Groups(_)) && g.s == 1 && g.short_runs;
     let zero_sum = std::iter::empty::<f64>().sum::<f64>();
-    let parts = if per_channel { g.c } else { g.n * g.c };
+    let parts = if per_channel || groups_apart {
+        g.c
+    } else {
+        g.n * g.c
+    };
     let mut part_w = vec![zero_sum; parts];
     let mut part_b = vec![zero_sum; parts];
     let (pw, pb) = (
@@ -615,7 +623,9 @@ fn backward<T: Float>(
         // Every (sample, channel) pair belongs to exactly one set, and with `per_channel`
         // every channel to one step, which takes its runs in sample order.
         unsafe {
-            if per_channel {
+            if groups_apart {
+                // Taken by the pass of their own.
+            } else if per_channel {
                 pw.slice(ch, 1)[0] += rstd * sdx;
                 pb.slice(ch, 1)[0] += sd;
             } else {
@@ -786,7 +796,7 @@ fn backward<T: Float>(
     // starting value), row by row: a column at a time reads the partials C apart, which for an
     // (N, C) input of many samples is a cache miss per partial.
     let reduce = |part: &[f64]| -> Vec<T> {
-        if per_channel {
+        if per_channel || groups_apart {
             return part.iter().map(|&v| T::narrow(v)).collect();
         }
         let mut acc = vec![zero_sum; g.c];
@@ -847,6 +857,42 @@ fn backward<T: Float>(
             None
         };
         return (dx, reduce(&part_w), reduce(&part_b));
+    }
+    if groups_apart && needs.dw_db {
+        // Each channel's terms, as `run_sums` takes them, added in sample order; whole groups,
+        // at least a cache line of f32 channels, to a task. Each set's mean and 1/std as the
+        // steps have them: kept, or recomputed by the forward's own functions.
+        let Sets::Groups(groups) = g.sets else {
+            unreachable!("groups_apart is for groups")
+        };
+        let cg = g.c / groups;
+        let per_task = 16usize.div_ceil(cg);
+        parallel::for_each_index(groups.div_ceil(per_task), 2 * per_task * cg * g.n, |task| {
+            for n in 0..g.n {
+                for group in task * per_task..((task + 1) * per_task).min(groups) {
+                    let set = n * groups + group;
+                    let (mean, rstd) = match stats {
+                        Some(stats) => (stats.mean[set], rstd(stats.var[set], eps)),
+                        None => {
+                            let (mut s1, mut s2): (Acc, Acc) = ([0.0; LANES], [0.0; LANES]);
+                            let k = set_sums(x, &g, set, &mut s1, &mut s2);
+                            let (mean, var) = mean_var(&s1, &s2, k, m);
+                            (mean, rstd(var, eps))
+                        }
+                    };
+                    for c in group * cg..(group + 1) * cg {
+                        let off = n * g.c + c;
+                        let dv = unsafe { dyp.slice_ref(off, 1) }[0];
+                        let (sd, sdx) = lanes::grad_sums_one(x[off], dv, mean);
+                        // Every channel is one task's.
+                        unsafe {
+                            pw.slice(c, 1)[0] += rstd * sdx;
+                            pb.slice(c, 1)[0] += sd;
+                        }
+                    }
+                }
+            }
+        });
     }
     let dx = if needs.dx && !over_dy {
         Some(filled(x.len(), |out| {
