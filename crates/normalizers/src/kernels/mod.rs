@@ -18,7 +18,8 @@
 //! - Evaluation: y = (x − μ)·rstd·w[c] + b[c] with the running statistics; dx = rstd·w[c]·dy.
 //!
 //! The inner loops (`lanes`) are vectorized (an AVX2 build where the CPU has it) with
-//! reductions in a fixed lane order. Work is split over steps of sets on the rayon pool's
+//! reductions in a fixed lane order; runs of one value (an (N, C) input) skip them and take the
+//! same operations value by value, since only lane 0 of such a run ever moves. Work is split over steps of sets on the rayon pool's
 //! threads (`parallel`: chunks from a shared cursor, the caller spinning briefly for the last
 //! ones), each set reduced by one thread, and the per-sample partial sums of dw and db added in
 //! sample order: results are bit-identical for every thread count and CPU.
