@@ -15,13 +15,16 @@ use rand_distr::{Distribution, Normal, Uniform};
 use std::fmt;
 use std::str::FromStr;
 
-/// `resnet:width=W,blocks=B,groups=G`: stage widths W, 2W, 4W with B blocks each; G is the
-/// group count the sweep gives GroupNorm by default (it must divide W).
+/// `resnet:width=W,blocks=B,groups=G,stem=S`: stage widths W, 2W, 4W with B blocks each; G is
+/// the group count the sweep gives GroupNorm by default (it must divide W); S the stem's stride.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ModelConfig {
     pub width: usize,
     pub blocks: usize,
     pub groups: usize,
+    /// The stem convolution's stride: 2 halves the resolution before the first stage, as
+    /// ResNet-50's stem quarters it.
+    pub stem: usize,
 }
 
 impl Default for ModelConfig {
@@ -30,6 +33,7 @@ impl Default for ModelConfig {
             width: 16,
             blocks: 1,
             groups: 8,
+            stem: 1,
         }
     }
 }
@@ -41,7 +45,7 @@ impl FromStr for ModelConfig {
         let (name, opts) = s.split_once(':').unwrap_or((s, ""));
         ensure!(
             name == "resnet",
-            "unknown model {name:?}; expected resnet[:width=W,blocks=B,groups=G]"
+            "unknown model {name:?}; expected resnet[:width=W,blocks=B,groups=G,stem=S]"
         );
         let mut cfg = ModelConfig::default();
         for (k, n) in crate::data::whole_number_options(opts, "--model", s)? {
@@ -54,7 +58,11 @@ impl FromStr for ModelConfig {
                 "width" => cfg.width = n,
                 "blocks" => cfg.blocks = n,
                 "groups" => cfg.groups = n,
-                _ => bail!("unknown --model option {k:?}; resnet takes width, blocks, groups"),
+                "stem" if n <= 2 => cfg.stem = n,
+                "stem" => bail!("--model option stem={n}: the stem's stride must be 1 or 2"),
+                _ => {
+                    bail!("unknown --model option {k:?}; resnet takes width, blocks, groups, stem")
+                }
             }
         }
         ensure!(
@@ -73,7 +81,12 @@ impl fmt::Display for ModelConfig {
             f,
             "resnet:width={},blocks={},groups={}",
             self.width, self.blocks, self.groups
-        )
+        )?;
+        // Only where it differs, so that older sweep ids still resume.
+        if self.stem != 1 {
+            write!(f, ",stem={}", self.stem)?;
+        }
+        Ok(())
     }
 }
 
@@ -171,7 +184,7 @@ impl ResNet {
     ) -> Result<Self> {
         let vb = VarBuilder::from_varmap(varmap, DType::F32, &Device::Cpu);
         let w = cfg.width;
-        let stem = ConvNorm::new(in_channels, w, 3, 1, norm, conv_impl, vb.pp("stem"))?;
+        let stem = ConvNorm::new(in_channels, w, 3, cfg.stem, norm, conv_impl, vb.pp("stem"))?;
         let mut blocks = Vec::new();
         let mut cin = w;
         for stage in 0..3 {
@@ -276,15 +289,24 @@ mod tests {
             ModelConfig {
                 width: 8,
                 blocks: 1,
-                groups: 4
+                groups: 4,
+                stem: 1,
             }
         );
         assert_eq!(cfg.to_string().parse::<ModelConfig>().unwrap(), cfg);
+        assert_eq!(cfg.to_string(), "resnet:width=8,blocks=1,groups=4");
+        let strided: ModelConfig = "resnet:stem=2".parse().unwrap();
+        assert_eq!(
+            strided.to_string(),
+            "resnet:width=16,blocks=1,groups=8,stem=2"
+        );
+        assert_eq!(strided.to_string().parse::<ModelConfig>().unwrap(), strided);
         for (bad, msg) in [
             ("vgg", "unknown model"),
             ("resnet:width=0", "positive whole number"),
             ("resnet:width=12,groups=8", "must divide"),
             ("resnet:depth=3", "unknown --model option"),
+            ("resnet:stem=3", "must be 1 or 2"),
         ] {
             let e = bad.parse::<ModelConfig>().unwrap_err().to_string();
             assert!(e.contains(msg), "{bad}: {e}");
@@ -338,20 +360,17 @@ mod tests {
 
     #[test]
     fn forward_gives_logits_per_image() {
-        let varmap = VarMap::new();
-        let model = ResNet::new(
-            ModelConfig::default(),
-            3,
-            10,
-            "gn:groups=8",
-            ConvImpl::Fast,
-            &varmap,
-            0,
-        )
-        .unwrap();
-        let x = Tensor::randn(0f32, 1.0, (2, 3, 16, 16), &Device::Cpu).unwrap();
-        for mode in [Mode::Train, Mode::Eval, Mode::BatchStats] {
-            assert_eq!(model.forward(&x, mode).unwrap().dims(), [2, 10]);
+        for stem in [1, 2] {
+            let varmap = VarMap::new();
+            let cfg = ModelConfig {
+                stem,
+                ..Default::default()
+            };
+            let model = ResNet::new(cfg, 3, 10, "gn:groups=8", ConvImpl::Fast, &varmap, 0).unwrap();
+            let x = Tensor::randn(0f32, 1.0, (2, 3, 16, 16), &Device::Cpu).unwrap();
+            for mode in [Mode::Train, Mode::Eval, Mode::BatchStats] {
+                assert_eq!(model.forward(&x, mode).unwrap().dims(), [2, 10]);
+            }
         }
     }
 }
