@@ -41,8 +41,8 @@ impl Dataset {
     }
 }
 
-/// Where a data set comes from: `synthetic[:train=N,test=N,size=S,seed=K]`, `mnist:DIR`,
-/// `cifar10:DIR`.
+/// Where a data set comes from: `synthetic[:train=N,test=N,size=S,seed=K,jitter=D,exposure=E,
+/// envelope=F,contrast=C]`, `mnist:DIR`, `cifar10:DIR`.
 #[derive(Debug, Clone, PartialEq)]
 pub enum DatasetSpec {
     Synthetic(SyntheticConfig),
@@ -70,13 +70,21 @@ pub fn whole_number_options<'a>(
         .collect()
 }
 
-/// The embedded data set's size and seed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The embedded data set's size, seed and difficulty.
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SyntheticConfig {
     pub train: usize,
     pub test: usize,
     pub size: usize,
     pub seed: u64,
+    /// Each image's orientation is its class's ± up to this many degrees (classes are 18° apart).
+    pub jitter: f32,
+    /// Each image's exposure (gain) is e^u, u uniform in ± this.
+    pub exposure: f32,
+    /// Multiplies the grating patch's size (its Gaussian envelope's sigma).
+    pub envelope: f32,
+    /// The patch's contrast is uniform between this and 1.
+    pub contrast: f32,
 }
 
 impl Default for SyntheticConfig {
@@ -86,7 +94,46 @@ impl Default for SyntheticConfig {
             test: 2000,
             size: 16,
             seed: 0,
+            jitter: 4.0,
+            exposure: 0.5,
+            envelope: 1.0,
+            contrast: 0.5,
         }
+    }
+}
+
+impl SyntheticConfig {
+    /// Sets `key` from `text`; names the key, the value and the accepted range when it fails.
+    fn set(&mut self, key: &str, text: &str) -> Result<()> {
+        let whole = || -> Result<u64> {
+            text.parse()
+                .with_context(|| format!("--dataset option {key}={text:?} is not a whole number"))
+        };
+        let number = |lo: f32, hi: f32| -> Result<f32> {
+            let v: f32 = text
+                .parse()
+                .with_context(|| format!("--dataset option {key}={text:?} is not a number"))?;
+            ensure!(
+                (lo..=hi).contains(&v),
+                "--dataset option {key}={text} is out of range; use {lo} to {hi}"
+            );
+            Ok(v)
+        };
+        match key {
+            "train" => self.train = whole()? as usize,
+            "test" => self.test = whole()? as usize,
+            "size" => self.size = whole()? as usize,
+            "seed" => self.seed = whole()?,
+            "jitter" => self.jitter = number(0.0, 45.0)?,
+            "exposure" => self.exposure = number(0.0, 3.0)?,
+            "envelope" => self.envelope = number(0.25, 4.0)?,
+            "contrast" => self.contrast = number(0.0, 1.0)?,
+            _ => bail!(
+                "unknown --dataset option {key:?}; synthetic takes train, test, size, seed, \
+                 jitter, exposure, envelope, contrast"
+            ),
+        }
+        Ok(())
     }
 }
 
@@ -98,14 +145,11 @@ impl FromStr for DatasetSpec {
         match name {
             "synthetic" => {
                 let mut cfg = SyntheticConfig::default();
-                for (k, n) in whole_number_options(arg, "--dataset", s)? {
-                    match k {
-                        "train" => cfg.train = n as usize,
-                        "test" => cfg.test = n as usize,
-                        "size" => cfg.size = n as usize,
-                        "seed" => cfg.seed = n,
-                        _ => bail!("unknown --dataset option {k:?}; synthetic takes train, test, size, seed"),
-                    }
+                for kv in arg.split(',').filter(|kv| !kv.is_empty()) {
+                    let (k, v) = kv.split_once('=').with_context(|| {
+                        format!("malformed option {kv:?} in --dataset {s:?}; write key=value")
+                    })?;
+                    cfg.set(k, v)?;
                 }
                 ensure!(
                     cfg.train >= 2 && cfg.test >= 1,
@@ -131,11 +175,26 @@ impl FromStr for DatasetSpec {
 impl fmt::Display for DatasetSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            DatasetSpec::Synthetic(c) => write!(
-                f,
-                "synthetic:train={},test={},size={},seed={}",
-                c.train, c.test, c.size, c.seed
-            ),
+            DatasetSpec::Synthetic(c) => {
+                write!(
+                    f,
+                    "synthetic:train={},test={},size={},seed={}",
+                    c.train, c.test, c.size, c.seed
+                )?;
+                // Difficulty keys only where they differ, so that older sweep ids still resume.
+                let d = SyntheticConfig::default();
+                for (key, v, default) in [
+                    ("jitter", c.jitter, d.jitter),
+                    ("exposure", c.exposure, d.exposure),
+                    ("envelope", c.envelope, d.envelope),
+                    ("contrast", c.contrast, d.contrast),
+                ] {
+                    if v != default {
+                        write!(f, ",{key}={v}")?;
+                    }
+                }
+                Ok(())
+            }
             DatasetSpec::Mnist(p) => write!(f, "mnist:{}", p.display()),
             DatasetSpec::Cifar10(p) => write!(f, "cifar10:{}", p.display()),
         }
@@ -190,7 +249,7 @@ pub fn synthetic(cfg: SyntheticConfig) -> Dataset {
         let mut labels = Vec::with_capacity(n);
         for i in 0..n {
             let label = (i % 10) as u8;
-            images.extend(grating_image(label, cfg.size, &mut rng));
+            images.extend(grating_image(label, &cfg, &mut rng));
             labels.push(label);
         }
         Split { images, labels }
@@ -207,21 +266,25 @@ pub fn synthetic(cfg: SyntheticConfig) -> Dataset {
     }
 }
 
-fn grating_image(label: u8, size: usize, rng: &mut ChaCha8Rng) -> Vec<f32> {
+fn grating_image(label: u8, cfg: &SyntheticConfig, rng: &mut ChaCha8Rng) -> Vec<f32> {
+    let size = cfg.size;
     let s = size as f32;
-    let theta = (label as f32 * 18.0 + rng.random_range(-4.0..4.0)) * PI / 180.0;
+    // Each draw is the default's, then scaled, so that the default data set keeps its bits.
+    let jitter = rng.random_range(-4.0f32..4.0) * (cfg.jitter / 4.0);
+    let theta = (label as f32 * 18.0 + jitter) * PI / 180.0;
     let freq = rng.random_range(0.16..0.30);
     let phase = rng.random_range(0.0..2.0 * PI);
     let (cx, cy) = (
         rng.random_range(0.3 * s..0.7 * s),
         rng.random_range(0.3 * s..0.7 * s),
     );
-    let sigma = rng.random_range(0.18 * s..0.35 * s);
-    let contrast = rng.random_range(0.5..1.0);
+    let sigma = cfg.envelope * rng.random_range(0.18 * s..0.35 * s);
+    let contrast =
+        cfg.contrast + (rng.random_range(0.5f32..1.0) - 0.5) * 2.0 * (1.0 - cfg.contrast);
     let noise = rng.random_range(0.03..0.12);
     // Exposure and colour cast: images differ in overall gain and per-channel offset, as
     // photographs do; per-sample normalizers remove them, batch statistics of two images cannot.
-    let gain = rng.random_range(-0.5f32..0.5).exp();
+    let gain = (rng.random_range(-0.5f32..0.5) * (cfg.exposure / 0.5)).exp();
     let cast = [
         rng.random_range(-0.25..0.25),
         rng.random_range(-0.25..0.25),
@@ -457,6 +520,7 @@ mod tests {
             test: 20,
             size: 16,
             seed: 3,
+            ..Default::default()
         };
         let (a, b) = (synthetic(cfg), synthetic(cfg));
         assert_eq!(a.train.images, b.train.images);
@@ -501,6 +565,7 @@ mod tests {
             test: 10,
             size: 16,
             seed: 1,
+            ..Default::default()
         });
         let plane = 16 * 16;
         for c in 0..3 {
@@ -547,6 +612,7 @@ mod tests {
             test: 10,
             size: 8,
             seed: 0,
+            ..Default::default()
         })
         .load()
         .unwrap();
@@ -571,6 +637,64 @@ mod tests {
     }
 
     #[test]
+    fn difficulty_keys_print_only_where_they_differ_and_round_trip() {
+        let default: DatasetSpec = "synthetic".parse().unwrap();
+        assert_eq!(
+            default.to_string(),
+            "synthetic:train=6000,test=2000,size=16,seed=0"
+        );
+        let hard: DatasetSpec = "synthetic:jitter=10,exposure=1.5,envelope=1.6,contrast=1"
+            .parse()
+            .unwrap();
+        let text = hard.to_string();
+        assert_eq!(
+            text,
+            "synthetic:train=6000,test=2000,size=16,seed=0,jitter=10,exposure=1.5,envelope=1.6,contrast=1"
+        );
+        assert_eq!(text.parse::<DatasetSpec>().unwrap(), hard);
+    }
+
+    #[test]
+    fn difficulty_keys_change_the_images_they_should() {
+        let base = SyntheticConfig {
+            train: 50,
+            test: 1,
+            ..Default::default()
+        };
+        let spread = |cfg: SyntheticConfig| {
+            // Per-image mean brightness: exposure spreads it.
+            let ds = synthetic(cfg);
+            let means: Vec<f64> = ds
+                .train
+                .images
+                .chunks(ds.image_len())
+                .map(|im| im.iter().map(|&v| v as f64).sum::<f64>() / im.len() as f64)
+                .collect();
+            let m = means.iter().sum::<f64>() / means.len() as f64;
+            (means.iter().map(|v| (v - m).powi(2)).sum::<f64>() / means.len() as f64).sqrt()
+        };
+        assert!(
+            spread(SyntheticConfig {
+                exposure: 1.5,
+                ..base
+            }) > 1.5 * spread(base)
+        );
+        let same = SyntheticConfig {
+            jitter: 4.0,
+            exposure: 0.5,
+            envelope: 1.0,
+            contrast: 0.5,
+            ..base
+        };
+        assert_eq!(synthetic(same).train.images, synthetic(base).train.images);
+        let wider = synthetic(SyntheticConfig {
+            envelope: 1.6,
+            ..base
+        });
+        assert_ne!(wider.train.images, synthetic(base).train.images);
+    }
+
+    #[test]
     fn dataset_specs_parse_and_reject_bad_input() {
         assert_eq!(
             "synthetic:train=100,size=32"
@@ -588,6 +712,9 @@ mod tests {
             ("synthetic:train=x", "not a whole number"),
             ("synthetic:depth=3", "unknown --dataset option"),
             ("synthetic:size=4", "out of range"),
+            ("synthetic:jitter=50", "out of range"),
+            ("synthetic:exposure=-1", "out of range"),
+            ("synthetic:contrast=x", "not a number"),
         ] {
             let e = bad.parse::<DatasetSpec>().unwrap_err().to_string();
             assert!(e.contains(msg), "{bad}: {e}");
