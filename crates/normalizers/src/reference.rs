@@ -8,7 +8,7 @@
 //! Shapes: inputs arrive as `x3` of shape (N, C, S), S the product of the spatial dimensions
 //! (1 when there are none).
 
-use candle_core::{DType, Result, Tensor};
+use candle_core::{bail, DType, Result, Tensor};
 
 /// The dtype statistics and normalization are computed in for an input dtype.
 pub fn compute_dtype(dtype: DType) -> DType {
@@ -49,6 +49,9 @@ pub fn normalize_per_channel(x3: &Tensor, mean: &Tensor, var: &Tensor, eps: f64)
 /// S: returns x̂ (N, C, S) and the groups' mean and biased variance, each of shape (N, groups).
 pub fn group_norm(x3: &Tensor, groups: usize, eps: f64) -> Result<(Tensor, Tensor, Tensor)> {
     let (n, c, s) = x3.dims3()?;
+    if groups == 0 || c % groups != 0 {
+        bail!("reference group_norm: {c} channels do not split into {groups} groups");
+    }
     let xg = x3.reshape((n, groups, (c / groups) * s))?;
     let (mean, var) = moments(&xg, &[2])?;
     let xhat = normalize(&xg, &mean, &var, eps)?.reshape((n, c, s))?;

@@ -179,3 +179,98 @@ fn empty_and_integer_inputs_are_refused() {
     let e = norm.forward_t(&x, true).unwrap_err().to_string();
     assert_mentions(&e, &["floating-point input", "U32"]);
 }
+
+/// Every public kernel entry point refuses operands that do not fit the input (an error, not a
+/// panic or a read out of bounds).
+mod kernel_operands {
+    use super::assert_mentions;
+    use candle_core::{DType, Device, Tensor};
+    use normalizers::kernels::{
+        fused_backward, fused_normalize, fused_normalize_fixed, fused_normalize_lean, Sets, Stats,
+    };
+
+    fn t(shape: &[usize], dtype: DType) -> Tensor {
+        Tensor::ones(shape, dtype, &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn the_forwards_check_weight_and_bias() {
+        let x = t(&[2, 4, 3], DType::F32);
+        let (w, b) = (t(&[4], DType::F32), t(&[4], DType::F32));
+        for (bad_w, bad_b, what) in [
+            (t(&[3], DType::F32), b.clone(), "weight"),
+            (w.clone(), t(&[5], DType::F32), "bias"),
+            (t(&[4], DType::F64), b.clone(), "weight"),
+            (t(&[2, 2], DType::F32), b.clone(), "weight"),
+        ] {
+            let e = fused_normalize(&x, &bad_w, &bad_b, Sets::Groups(2), 1e-5)
+                .err()
+                .unwrap()
+                .to_string();
+            assert_mentions(&e, &[what, "(4)"]);
+            let e = fused_normalize_lean(&x, &bad_w, &bad_b, Sets::Channels, 1e-5)
+                .unwrap_err()
+                .to_string();
+            assert_mentions(&e, &[what, "(4)"]);
+            let stats = Stats {
+                mean: vec![0.0; 4],
+                var: vec![1.0; 4],
+            };
+            let e = fused_normalize_fixed(&x, &bad_w, &bad_b, stats, 1e-5)
+                .unwrap_err()
+                .to_string();
+            assert_mentions(&e, &[what, "(4)"]);
+        }
+        let short = Stats {
+            mean: vec![0.0; 3],
+            var: vec![1.0; 4],
+        };
+        let e = fused_normalize_fixed(&x, &w, &b, short, 1e-5)
+            .unwrap_err()
+            .to_string();
+        assert_mentions(&e, &["3 means", "4 sets"]);
+    }
+
+    #[test]
+    fn the_backward_checks_the_output_gradient_weight_and_statistics() {
+        let x = t(&[2, 4, 3], DType::F32);
+        let w = t(&[4], DType::F32);
+        let (_, stats) = fused_normalize(&x, &w, &w, Sets::Groups(2), 1e-5).unwrap();
+        for dy in [
+            t(&[2, 4, 2], DType::F32),
+            t(&[1, 4, 3], DType::F32),
+            t(&[2, 4, 3], DType::F64),
+        ] {
+            let e = fused_backward(&x, &w, &dy, Sets::Groups(2), Some(&stats), 1e-5)
+                .unwrap_err()
+                .to_string();
+            assert_mentions(&e, &["output gradient", "[2, 4, 3]"]);
+        }
+        let dy = t(&[2, 4, 3], DType::F32);
+        let e = fused_backward(&x, &t(&[8], DType::F32), &dy, Sets::Groups(2), None, 1e-5)
+            .unwrap_err()
+            .to_string();
+        assert_mentions(&e, &["weight", "(4)"]);
+        // Statistics of another grouping: 4 sets (2 samples x 2 groups) expected.
+        let wrong = Stats {
+            mean: vec![0.0; 8],
+            var: vec![1.0; 8],
+        };
+        let e = fused_backward(&x, &w, &dy, Sets::Groups(2), Some(&wrong), 1e-5)
+            .unwrap_err()
+            .to_string();
+        assert_mentions(&e, &["8 means", "4 sets"]);
+        assert!(fused_backward(&x, &w, &dy, Sets::Groups(2), Some(&stats), 1e-5).is_ok());
+    }
+
+    #[test]
+    fn the_reference_group_norm_refuses_zero_groups() {
+        let x = t(&[2, 4, 3], DType::F32);
+        for groups in [0, 3] {
+            let e = normalizers::reference::group_norm(&x, groups, 1e-5)
+                .unwrap_err()
+                .to_string();
+            assert_mentions(&e, &["4 channels", "groups"]);
+        }
+    }
+}

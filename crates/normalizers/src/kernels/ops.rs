@@ -1150,7 +1150,47 @@ impl InplaceOp3 for OverDy<'_> {
     }
 }
 
+/// Refuses `t` unless it has shape (C) and `x`'s dtype: the kernels index the per-channel
+/// operands by `x`'s channels, so this is what keeps them in bounds.
+fn check_per_channel(what: &str, x: &Tensor, t: &Tensor) -> Result<()> {
+    let c = x.dims().get(1).copied().unwrap_or(0);
+    if t.dims() != [c] || t.dtype() != x.dtype() {
+        bail!(
+            "fused normalization: {what} must have shape ({c}) and dtype {:?}, as x {:?}; got {:?} {:?}",
+            x.dtype(),
+            x.dims(),
+            t.dims(),
+            t.dtype()
+        );
+    }
+    Ok(())
+}
+
+/// The input's geometry, once its weight and bias are checked against it.
+fn checked_geom(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, sets: Sets) -> Result<Geom> {
+    let g = Geom::new(x.dims(), sets)?;
+    check_per_channel("weight", x, weight)?;
+    if let Some(bias) = bias {
+        check_per_channel("bias", x, bias)?;
+    }
+    Ok(g)
+}
+
+/// Refuses statistics that are not one mean and one variance per set of `g`.
+fn check_stats(g: &Geom, stats: &Stats) -> Result<()> {
+    let sets = g.num_sets();
+    if stats.mean.len() != sets || stats.var.len() != sets {
+        bail!(
+            "fused normalization: {} means and {} variances for {sets} sets",
+            stats.mean.len(),
+            stats.var.len()
+        );
+    }
+    Ok(())
+}
+
 fn apply(x: &Tensor, weight: &Tensor, bias: &Tensor, op: NormOp) -> Result<Tensor> {
+    checked_geom(x, weight, Some(bias), op.sets)?;
     x.contiguous()?
         .apply_op3(&weight.contiguous()?, &bias.contiguous()?, op)
 }
@@ -1241,14 +1281,10 @@ pub fn fused_normalize_fixed(
     stats: Stats,
     eps: f64,
 ) -> Result<Tensor> {
-    let c = x.dims().get(1).copied().unwrap_or(0);
-    if stats.mean.len() != c || stats.var.len() != c {
-        bail!(
-            "fused normalization: {} means and {} variances for {c} channels",
-            stats.mean.len(),
-            stats.var.len()
-        );
-    }
+    check_stats(
+        &checked_geom(x, weight, Some(bias), Sets::Channels)?,
+        &stats,
+    )?;
     let op = NormOp {
         sets: Sets::Channels,
         eps,
@@ -1271,8 +1307,22 @@ pub fn fused_backward(
     stats: Option<&Stats>,
     eps: f64,
 ) -> Result<(Tensor, Tensor, Tensor)> {
+    let g = checked_geom(x, weight, None, sets)?;
+    if dy.dims() != x.dims() || dy.dtype() != x.dtype() {
+        bail!(
+            "fused normalization: the output gradient must have the input's shape {:?} and dtype \
+             {:?}; got {:?} {:?}",
+            x.dims(),
+            x.dtype(),
+            dy.dims(),
+            dy.dtype()
+        );
+    }
+    if let Some(stats) = stats {
+        check_stats(&g, stats)?;
+    }
     let ctx = GradCtx {
-        g: Geom::new(x.dims(), sets)?,
+        g,
         stats,
         eps,
         fixed: false,
