@@ -77,9 +77,15 @@ impl Default for Conv2dConfig {
 /// The geometry of convolving `x` (N, C, H, W) with `w` (O, C, kH, kW), or an error naming the
 /// mismatch.
 pub fn geometry(x: &[usize], w: &[usize], cfg: Conv2dConfig) -> Result<Geometry> {
-    let (&[n, c_in, h, wd], &[_, wc, kh, kw]) = (x, w) else {
+    let (&[n, c_in, h, wd], &[o, wc, kh, kw]) = (x, w) else {
         bail!("conv2d: expected input (N, C, H, W) and weight (O, C, kH, kW), got {x:?} and {w:?}");
     };
+    if [n, c_in, h, wd, o].contains(&0) {
+        bail!(
+            "conv2d: input {x:?} and weight {w:?} must have no empty dimension (batch, channels, \
+             height, width, outputs of at least 1)"
+        );
+    }
     if c_in != wc {
         bail!("conv2d: input has {c_in} channels (shape {x:?}) but the weight {w:?} expects {wc}");
     }

@@ -372,6 +372,16 @@ fn bad_shapes_are_named() {
     assert!(err(&[2, 3, 2, 8], d).contains("does not fit an input of 2x8"));
     assert!(err(&[2, 3, 8, 8], Conv2dConfig { stride: 0, ..d })
         .contains("stride and dilation must be at least 1"));
+    let pad = Conv2dConfig { padding: 1, ..d };
+    for empty in [[0, 3, 8, 8], [2, 3, 0, 8], [2, 3, 8, 0]] {
+        let x = Tensor::zeros(&empty, DType::F32, &Device::Cpu).unwrap();
+        for kind in [ConvImpl::Fast, ConvImpl::Candle] {
+            let e = conv2d_with(&x, &w, None, pad, kind)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("no empty dimension"), "{empty:?} {kind}: {e}");
+        }
+    }
     let x64 = random(&[2, 3, 8, 8], 1, DType::F64);
     let e = conv2d_with(&x64, &w, None, d, ConvImpl::Fast)
         .unwrap_err()
