@@ -4,7 +4,7 @@
 use crate::bench_norms::measure_pair;
 use crate::model::{ModelConfig, ResNet};
 use crate::train::{optimizer, train_step, TrainConfig};
-use anyhow::Result;
+use anyhow::{ensure, Result};
 use candle_core::{Device, Module, Tensor, Var};
 use candle_nn::VarMap;
 use conv::{Conv2d, Conv2dConfig, ConvImpl};
@@ -140,6 +140,20 @@ fn step_case(b: usize, kind: ConvImpl) -> Result<impl FnMut() -> Result<()>> {
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
+    ensure!(
+        args.threads >= 1,
+        "--threads 0 runs nothing; give at least 1"
+    );
+    ensure!(
+        !args.batch_sizes.is_empty() && !args.batch_sizes.contains(&0),
+        "--batch-sizes {:?}: every batch size must be at least 1 (e.g. --batch-sizes 32,2)",
+        args.batch_sizes
+    );
+    ensure!(
+        args.min_time.is_finite() && args.min_time >= 0.0,
+        "--min-time must be a number of seconds >= 0, got {}",
+        args.min_time
+    );
     // candle's matmul reads its thread count from RAYON_NUM_THREADS at every call.
     std::env::set_var("RAYON_NUM_THREADS", args.threads.to_string());
     let pool = rayon::ThreadPoolBuilder::new()

@@ -202,6 +202,21 @@ impl fmt::Display for DatasetSpec {
 }
 
 impl DatasetSpec {
+    /// (channels, side, classes, images of both splits) before loading: what sizing needs.
+    pub fn shape(&self) -> (usize, usize, usize, u128) {
+        match self {
+            DatasetSpec::Synthetic(c) => (3, c.size, 10, c.train as u128 + c.test as u128),
+            DatasetSpec::Mnist(_) => (1, 28, 10, 70_000),
+            DatasetSpec::Cifar10(_) => (3, 32, 10, 60_000),
+        }
+    }
+
+    /// Bytes the loaded images take (f32).
+    pub fn bytes(&self) -> u128 {
+        let (c, side, _, images) = self.shape();
+        4 * images * (c * side * side) as u128
+    }
+
     pub fn load(&self) -> Result<Dataset> {
         let mut ds = match self {
             DatasetSpec::Synthetic(cfg) => synthetic(*cfg),

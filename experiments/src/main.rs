@@ -84,9 +84,10 @@ struct SweepArgs {
     /// Learning rate at batch size 32; batch size B trains with base-lr·B/32.
     #[arg(long, default_value_t = 0.1)]
     base_lr: f64,
-    /// Linear warm-up, in epochs, before the cosine decay.
-    #[arg(long, default_value_t = 3.0)]
-    warmup_epochs: f64,
+    /// Linear warm-up, in epochs, before the cosine decay (at most --epochs) [default: 3, or
+    /// --epochs if fewer].
+    #[arg(long)]
+    warmup_epochs: Option<f64>,
     /// Weight decay on convolution and classifier weights (never on normalizers).
     #[arg(long, default_value_t = 5e-4)]
     weight_decay: f64,
@@ -115,6 +116,17 @@ struct SweepArgs {
     /// Print a line per epoch.
     #[arg(long)]
     verbose: bool,
+    /// Train again the runs that diverged in an earlier attempt (kept as results otherwise).
+    #[arg(long)]
+    retry_diverged: bool,
+}
+
+/// Bytes of memory the OS says are available, where it says (Linux's MemAvailable).
+fn available_memory() -> Option<u128> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u128 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }
 
 fn sweep(args: SweepArgs) -> Result<()> {
@@ -134,6 +146,7 @@ fn sweep(args: SweepArgs) -> Result<()> {
     } else {
         format!("bn,gn:groups={},ln,in", model.groups)
     };
+    let epochs = args.epochs.unwrap_or(if q { 1 } else { 6 });
     let plan = sweep::Plan {
         norms: sweep::parse_norms(args.norms.as_deref().unwrap_or(&default_norms))?,
         batch_sizes: args.batch_sizes.unwrap_or_else(|| {
@@ -149,9 +162,9 @@ fn sweep(args: SweepArgs) -> Result<()> {
         dataset,
         train: train::TrainConfig {
             model: model.to_string(),
-            epochs: args.epochs.unwrap_or(if q { 1 } else { 6 }),
+            epochs,
             base_lr: args.base_lr,
-            warmup_epochs: args.warmup_epochs,
+            warmup_epochs: args.warmup_epochs.unwrap_or(3f64.min(epochs as f64)),
             momentum: 0.9,
             weight_decay: args.weight_decay,
             large_eval_batch: 250,
@@ -166,16 +179,23 @@ fn sweep(args: SweepArgs) -> Result<()> {
             None => dir,
         }
     });
-    let ds = plan
-        .dataset
-        .load()
-        .with_context(|| format!("cannot load --dataset {}", plan.dataset))?;
     let jobs = args.jobs.unwrap_or_else(|| {
         std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(1)
     });
-    sweep::run(&plan, ds, &out, jobs, args.verbose)
+    anyhow::ensure!(
+        jobs >= 1,
+        "--jobs 0 runs nothing; give at least 1 (default: the number of CPUs)"
+    );
+    if let Some(bytes) = available_memory() {
+        plan.check_memory(jobs.min(plan.runs().len().max(1)), bytes)?;
+    }
+    let ds = plan
+        .dataset
+        .load()
+        .with_context(|| format!("cannot load --dataset {}", plan.dataset))?;
+    sweep::run(&plan, ds, &out, jobs, args.verbose, args.retry_diverged)
 }
 
 /// candle runs its elementwise ops on a thread pool of its own, whose idle workers spin 25,000
@@ -197,6 +217,12 @@ fn main() -> Result<()> {
         Command::Sweep(args) => sweep(args),
         Command::Merge { out, shards } => sweep::merge(&out, &shards),
         Command::Report { dir } => {
+            anyhow::ensure!(
+                dir.is_dir(),
+                "{} is not a folder; give a sweep folder (experiments report results/reference)",
+                dir.display()
+            );
+            let _lock = results::lock_folder(&dir)?;
             report::report(&dir).map(|_| eprintln!("wrote the reports of {}", dir.display()))
         }
         Command::BenchConv(args) => bench_conv::run(args),

@@ -90,6 +90,56 @@ impl fmt::Display for ModelConfig {
     }
 }
 
+impl ModelConfig {
+    /// The convolutions as (input channels, output channels, kernel, output side) for images of
+    /// `side`×`side` with `in_channels` channels, in the order the model applies them.
+    fn convolutions(&self, in_channels: usize, side: usize) -> Vec<(u128, u128, u128, u128)> {
+        let mut side = side.div_ceil(self.stem) as u128;
+        let w = self.width as u128;
+        let mut convs = vec![(in_channels as u128, w, 3, side)];
+        let mut cin = w;
+        for stage in 0..3u32 {
+            let cout = w << stage;
+            for b in 0..self.blocks {
+                if stage > 0 && b == 0 {
+                    side = side.div_ceil(2);
+                }
+                convs.push((cin, cout, 3, side));
+                convs.push((cout, cout, 3, side));
+                if cin != cout || (stage > 0 && b == 0) {
+                    convs.push((cin, cout, 1, side));
+                }
+                cin = cout;
+            }
+        }
+        convs
+    }
+
+    /// Bytes a training job needs at batch size `batch` (at least): the weights with their
+    /// gradients and momentum, and per image each convolution's columns, output and the few
+    /// tensors the normalizer, the activation and the backward keep of its size. An estimate,
+    /// for refusing sizes that cannot fit before anything is allocated.
+    pub fn training_bytes(
+        &self,
+        in_channels: usize,
+        side: usize,
+        classes: usize,
+        batch: usize,
+    ) -> u128 {
+        let convs = self.convolutions(in_channels, side);
+        let weights: u128 = convs
+            .iter()
+            .map(|&(i, o, k, _)| i * o * k * k + 2 * o)
+            .sum::<u128>()
+            + (self.width as u128 * 4 + 1) * classes as u128;
+        let per_image: u128 = convs
+            .iter()
+            .map(|&(i, o, k, s)| (i * k * k + 6 * o) * s * s)
+            .sum();
+        4 * (3 * weights + batch as u128 * per_image)
+    }
+}
+
 /// Where normalizers take their statistics from in one forward pass.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {

@@ -2,7 +2,7 @@
 //! paper-ready tables (`summary.md`, `summary.tex`) and the figure.
 
 use crate::plot;
-use crate::results::{self, read_rows, write_atomic, RUNS_CSV};
+use crate::results::{self, write_atomic, RUNS_CSV};
 use crate::train::RunRow;
 use anyhow::{ensure, Result};
 use serde::{Deserialize, Serialize};
@@ -213,7 +213,8 @@ pub fn latex(rows: &[SummaryRow], norms: &[String], sizes: &[usize]) -> String {
 
 /// Rebuilds `summary.csv`, `summary.md`, `summary.tex` and the figure from `runs.csv`.
 pub fn report(dir: &Path) -> Result<Vec<SummaryRow>> {
-    let runs: Vec<RunRow> = read_rows(&dir.join(RUNS_CSV))?;
+    // A folder a crash left behind reads as a repair would leave it, without writing to it.
+    let runs: Vec<RunRow> = results::read_consistent(dir)?.runs;
     ensure!(
         !runs.is_empty(),
         "{} has no finished runs: run a sweep into it first (experiments sweep --out {})",

@@ -1,15 +1,16 @@
 //! The sweep folder's files, written so that nothing is ever half-written: rows are appended
 //! one whole run at a time (a single write, then fsync), everything else is written to a
-//! temporary file and renamed into place. `repair` drops what a crash may have left behind (a
-//! trailing partial line, epoch rows of a run that never finished), so a resumed sweep counts
-//! each finished run exactly once.
+//! temporary file of this process's own and renamed into place. `repair` drops what a crash may
+//! have left behind (a trailing partial line, epoch rows of a run that never finished), so a
+//! resumed sweep counts each finished run exactly once. One process at a time writes a folder:
+//! [`lock_folder`] takes an OS lock that dies with its holder, so kill -9 leaves nothing stale.
 
 use crate::train::{EpochRow, RunKey, RunRow};
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use std::collections::BTreeSet;
-use std::fs::OpenOptions;
+use std::fs::{File, OpenOptions, TryLockError};
 use std::io::Write;
 use std::path::Path;
 
@@ -21,12 +22,55 @@ pub const SUMMARY_TEX: &str = "summary.tex";
 pub const MANIFEST_JSON: &str = "manifest.json";
 pub const FIGURE_SVG: &str = "error_vs_batch.svg";
 pub const FIGURE_PNG: &str = "error_vs_batch.png";
+pub const LOCK_FILE: &str = ".normbench.lock";
 
-/// Writes `bytes` to `path` through a temporary file in the same folder and a rename.
+/// Holds a results folder for this process until dropped (or the process ends).
+#[derive(Debug)]
+pub struct FolderLock {
+    _file: File,
+}
+
+/// Takes the exclusive lock of the results folder `dir` (creating it), or fails at once naming
+/// the folder and the holder's pid.
+pub fn lock_folder(dir: &Path) -> Result<FolderLock> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let path = dir.join(LOCK_FILE);
+    let mut file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => {
+            file.set_len(0)?;
+            writeln!(file, "{}", std::process::id())?;
+            file.sync_data()?;
+            Ok(FolderLock { _file: file })
+        }
+        Err(TryLockError::WouldBlock) => {
+            let holder = std::fs::read_to_string(&path).unwrap_or_default();
+            bail!(
+                "{} is in use by another normbench process (pid {}); wait for it to finish, or \
+                 write to another folder",
+                dir.display(),
+                holder.trim()
+            )
+        }
+        Err(TryLockError::Error(e)) => {
+            Err(e).with_context(|| format!("cannot lock {}", path.display()))
+        }
+    }
+}
+
+/// Writes `bytes` to `path` through a temporary file of this process's own in the same folder
+/// and a rename.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = path.with_extension(format!(
-        "{}.tmp",
-        path.extension().and_then(|e| e.to_str()).unwrap_or("")
+        "{}.{}.tmp",
+        path.extension().and_then(|e| e.to_str()).unwrap_or(""),
+        std::process::id()
     ));
     let mut f =
         std::fs::File::create(&tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
@@ -70,9 +114,13 @@ pub fn read_rows<T: DeserializeOwned>(path: &Path) -> Result<Vec<T>> {
     if !path.exists() {
         return Ok(Vec::new());
     }
-    let mut r =
-        csv::Reader::from_path(path).with_context(|| format!("cannot read {}", path.display()))?;
-    r.deserialize()
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    parse_rows(&bytes, path)
+}
+
+fn parse_rows<T: DeserializeOwned>(bytes: &[u8], path: &Path) -> Result<Vec<T>> {
+    csv::Reader::from_reader(bytes)
+        .deserialize()
         .enumerate()
         .map(|(i, row)| {
             row.with_context(|| format!("{}: row {} is malformed", path.display(), i + 1))
@@ -80,45 +128,83 @@ pub fn read_rows<T: DeserializeOwned>(path: &Path) -> Result<Vec<T>> {
         .collect()
 }
 
-/// Cuts a trailing line without its newline (a write a crash interrupted) from `path`.
-fn drop_partial_line(path: &Path) -> Result<()> {
+/// The rows of `path` up to its last newline (a line without one is a write a crash
+/// interrupted), and whether a partial line was left out.
+fn complete_rows<T: DeserializeOwned>(path: &Path) -> Result<(Vec<T>, bool)> {
     let Ok(bytes) = std::fs::read(path) else {
-        return Ok(());
+        return Ok((Vec::new(), false));
     };
-    if bytes.is_empty() || bytes.ends_with(b"\n") {
-        return Ok(());
-    }
     let keep = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
-    write_atomic(path, &bytes[..keep])
+    Ok((parse_rows(&bytes[..keep], path)?, keep != bytes.len()))
 }
 
-/// Makes the sweep folder consistent after a crash and returns the finished runs: their rows,
-/// first occurrence of each run only, and epoch rows only for finished runs.
-pub fn repair(dir: &Path) -> Result<Vec<RunRow>> {
-    let (runs_path, epochs_path) = (dir.join(RUNS_CSV), dir.join(EPOCHS_CSV));
-    drop_partial_line(&runs_path)?;
-    drop_partial_line(&epochs_path)?;
-    let all: Vec<RunRow> = read_rows(&runs_path)?;
+/// A sweep folder's rows as a repair leaves them, read without changing the folder.
+pub struct Consistent {
+    /// Finished runs, the first row of each.
+    pub runs: Vec<RunRow>,
+    /// Epoch rows of finished runs, the first of each epoch.
+    pub epochs: Vec<EpochRow>,
+    runs_changed: bool,
+    epochs_changed: bool,
+}
+
+/// Reads `dir`'s rows as [`repair`] would leave them, in memory: what `report` reads, so that it
+/// neither fails on a crash's partial line nor counts a run twice.
+pub fn read_consistent(dir: &Path) -> Result<Consistent> {
+    let (all, runs_cut): (Vec<RunRow>, bool) = complete_rows(&dir.join(RUNS_CSV))?;
     let mut seen = BTreeSet::new();
     let runs: Vec<RunRow> = all
         .iter()
         .filter(|r| seen.insert(r.key()))
         .cloned()
         .collect();
-    if runs.len() != all.len() {
-        write_atomic(&runs_path, &to_csv(&runs, true)?)?;
-    }
-    let epochs: Vec<EpochRow> = read_rows(&epochs_path)?;
+    let (epochs, epochs_cut): (Vec<EpochRow>, bool) = complete_rows(&dir.join(EPOCHS_CSV))?;
     let mut kept_keys = BTreeSet::new();
     let kept: Vec<EpochRow> = epochs
         .iter()
         .filter(|e| seen.contains(&e.key()) && kept_keys.insert((e.key(), e.epoch)))
         .cloned()
         .collect();
-    if kept.len() != epochs.len() {
-        write_atomic(&epochs_path, &to_csv(&kept, true)?)?;
+    Ok(Consistent {
+        runs_changed: runs_cut || runs.len() != all.len(),
+        epochs_changed: epochs_cut || kept.len() != epochs.len(),
+        runs,
+        epochs: kept,
+    })
+}
+
+/// Makes the sweep folder consistent after a crash and returns the finished runs: their rows,
+/// first occurrence of each run only, and epoch rows only for finished runs.
+pub fn repair(dir: &Path) -> Result<Vec<RunRow>> {
+    let c = read_consistent(dir)?;
+    write_rows(dir, &c)?;
+    Ok(c.runs)
+}
+
+fn write_rows(dir: &Path, c: &Consistent) -> Result<()> {
+    if c.runs_changed {
+        write_atomic(&dir.join(RUNS_CSV), &to_csv(&c.runs, true)?)?;
     }
-    Ok(runs)
+    if c.epochs_changed {
+        write_atomic(&dir.join(EPOCHS_CSV), &to_csv(&c.epochs, true)?)?;
+    }
+    Ok(())
+}
+
+/// Repairs `dir` and removes the runs that diverged (their rows and epoch rows), so that a
+/// resumed sweep trains them again; returns the runs that stay finished.
+pub fn forget_diverged(dir: &Path) -> Result<Vec<RunRow>> {
+    let mut c = read_consistent(dir)?;
+    let before = c.runs.len();
+    c.runs.retain(|r| !r.diverged);
+    if c.runs.len() != before {
+        let keep = finished(&c.runs);
+        c.epochs.retain(|e| keep.contains(&e.key()));
+        c.runs_changed = true;
+        c.epochs_changed = true;
+    }
+    write_rows(dir, &c)?;
+    Ok(c.runs)
 }
 
 /// Records one finished run: its epoch rows first, then its row in `runs.csv`, which is what
@@ -189,6 +275,58 @@ mod tests {
         assert!(text.ends_with('\n') && !text.contains("12.5"));
         let epochs: Vec<EpochRow> = read_rows(&dir.path().join(EPOCHS_CSV)).unwrap();
         assert_eq!(epochs, vec![epoch("bn", 32, 1)]);
+    }
+
+    #[test]
+    fn reading_consistently_changes_nothing_on_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        record_run(dir.path(), &run("bn", 32, 10.0), &[epoch("bn", 32, 1)]).unwrap();
+        record_run(dir.path(), &run("bn", 32, 11.0), &[epoch("bn", 32, 1)]).unwrap();
+        let mut f = OpenOptions::new()
+            .append(true)
+            .open(dir.path().join(RUNS_CSV))
+            .unwrap();
+        f.write_all(b"gn,2,0,0.1,1,10,12.5").unwrap();
+        let before = std::fs::read(dir.path().join(RUNS_CSV)).unwrap();
+        let c = read_consistent(dir.path()).unwrap();
+        assert_eq!((c.runs.len(), c.epochs.len()), (1, 1));
+        assert_eq!(std::fs::read(dir.path().join(RUNS_CSV)).unwrap(), before);
+    }
+
+    #[test]
+    fn forgetting_diverged_runs_drops_their_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut bad = run("gn", 2, f64::NAN);
+        bad.diverged = true;
+        record_run(dir.path(), &run("bn", 32, 10.0), &[epoch("bn", 32, 1)]).unwrap();
+        record_run(dir.path(), &bad, &[epoch("gn", 2, 1)]).unwrap();
+        let kept = forget_diverged(dir.path()).unwrap();
+        assert_eq!(kept.len(), 1);
+        assert_eq!((kept[0].norm.as_str(), kept[0].diverged), ("bn", false));
+        let runs: Vec<RunRow> = read_rows(&dir.path().join(RUNS_CSV)).unwrap();
+        let epochs: Vec<EpochRow> = read_rows(&dir.path().join(EPOCHS_CSV)).unwrap();
+        assert_eq!((runs.len(), epochs), (1, vec![epoch("bn", 32, 1)]));
+    }
+
+    #[test]
+    fn a_locked_folder_refuses_a_second_holder_until_released() {
+        let dir = tempfile::tempdir().unwrap();
+        let held = lock_folder(dir.path()).unwrap();
+        let e = lock_folder(dir.path()).unwrap_err().to_string();
+        assert!(e.contains("in use by another normbench process"), "{e}");
+        assert!(e.contains(&format!("pid {}", std::process::id())), "{e}");
+        drop(held);
+        lock_folder(dir.path()).unwrap();
+    }
+
+    #[test]
+    fn temporary_files_are_this_process_s_own() {
+        // Another writer's temporary file (here a folder in its way) does not stop this one.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(MANIFEST_JSON);
+        std::fs::create_dir(dir.path().join("manifest.json.tmp")).unwrap();
+        write_atomic(&path, b"{}").unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"{}");
     }
 
     #[test]

@@ -112,6 +112,32 @@ impl Plan {
         format!("sweep-{:08x}", hash >> 32)
     }
 
+    /// Refuses a plan whose data set and models would not fit in `available` bytes of memory,
+    /// before anything is allocated (a too-large allocation aborts the process).
+    pub fn check_memory(&self, jobs: usize, available: u128) -> Result<()> {
+        let model: ModelConfig = self.train.model.parse()?;
+        let (c, side, classes, images) = self.dataset.shape();
+        // A batch larger than the data set is refused later, by name; here it counts as whole.
+        let batch = self.batch_sizes.iter().copied().max().unwrap_or(1);
+        let batch = (batch.max(self.train.large_eval_batch) as u128).min(images) as usize;
+        let per_job = model.training_bytes(c, side, classes, batch);
+        let need = self.dataset.bytes() + jobs as u128 * per_job;
+        let gib = |b: u128| b as f64 / (1u128 << 30) as f64;
+        ensure!(
+            need <= available,
+            "--dataset {} with --model {} at batch size {batch} on {jobs} job(s) needs about \
+             {:.1} GiB ({:.1} GiB of images, {:.1} GiB per job), but {:.1} GiB of memory is \
+             available; use fewer or smaller images, a narrower model, or fewer --jobs",
+            self.dataset,
+            model,
+            gib(need),
+            gib(self.dataset.bytes()),
+            gib(per_job),
+            gib(available)
+        );
+        Ok(())
+    }
+
     /// Checks everything that could fail before any training: batch sizes against the data set
     /// and the normalizers, and that every normalizer fits every layer of the model.
     pub fn validate(&self, ds: &Dataset) -> Result<()> {
@@ -139,6 +165,24 @@ impl Plan {
             self.train.base_lr.is_finite() && self.train.base_lr > 0.0,
             "--base-lr must be a positive number, got {}",
             self.train.base_lr
+        );
+        let t = &self.train;
+        ensure!(
+            t.weight_decay.is_finite() && t.weight_decay >= 0.0,
+            "--weight-decay must be a number >= 0, got {}",
+            t.weight_decay
+        );
+        ensure!(
+            t.warmup_epochs.is_finite() && t.warmup_epochs >= 0.0,
+            "--warmup-epochs must be a number >= 0, got {}",
+            t.warmup_epochs
+        );
+        ensure!(
+            t.warmup_epochs <= t.epochs as f64,
+            "--warmup-epochs {} is longer than the run (--epochs {}); give at most {}",
+            t.warmup_epochs,
+            t.epochs,
+            t.epochs
         );
         for &b in &self.batch_sizes {
             ensure!(
@@ -229,8 +273,10 @@ fn manifest(
     end: Option<&str>,
     done: usize,
     total: usize,
+    failure: Option<&str>,
 ) -> serde_json::Value {
     json!({
+        "failure": failure,
         "tool": "normbench experiments sweep",
         "command": std::env::args().collect::<Vec<_>>(),
         "settings": plan.settings(),
@@ -302,12 +348,55 @@ fn describe(k: &RunKey) -> String {
     format!("{} B={} seed={}", k.norm, k.batch_size, k.seed)
 }
 
-/// Runs the plan into `out`, skipping runs already finished there.
-pub fn run(plan: &Plan, ds: Dataset, out: &Path, jobs: usize, verbose: bool) -> Result<()> {
+/// The message of a panic's payload.
+fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".into())
+}
+
+/// Trains one run; a panic in it becomes an error that names it, so that the sweep stops
+/// cleanly (finished runs kept, the failure in the manifest) instead of aborting.
+fn run_caught(
+    key: &RunKey,
+    cfg: &TrainConfig,
+    ds: &Dataset,
+    on_epoch: impl FnMut(&EpochRow),
+) -> Result<(RunRow, Vec<EpochRow>)> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        // A way for tests to make one run fail as a bug would: NORMBENCH_PANIC_IN_RUN=norm,B,seed.
+        if let Ok(which) = std::env::var("NORMBENCH_PANIC_IN_RUN") {
+            if which == format!("{},{},{}", key.norm, key.batch_size, key.seed) {
+                panic!("NORMBENCH_PANIC_IN_RUN asked this run to panic");
+            }
+        }
+        train::run(key, cfg, ds, on_epoch)
+    }))
+    .unwrap_or_else(|payload| bail!("panicked: {}", panic_message(payload)))
+}
+
+/// Runs the plan into `out`, skipping runs already finished there (and those that diverged,
+/// unless `retry_diverged`).
+pub fn run(
+    plan: &Plan,
+    ds: Dataset,
+    out: &Path,
+    jobs: usize,
+    verbose: bool,
+    retry_diverged: bool,
+) -> Result<()> {
     plan.validate(&ds)?;
-    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    ensure!(jobs >= 1, "--jobs 0 runs nothing; give at least 1");
+    let _lock = results::lock_folder(out)?;
     check_settings(out, plan)?;
-    let finished = results::finished(&results::repair(out)?);
+    let kept = if retry_diverged {
+        results::forget_diverged(out)?
+    } else {
+        results::repair(out)?
+    };
+    let finished = results::finished(&kept);
     let all = plan.runs();
     let todo: VecDeque<RunKey> = all
         .iter()
@@ -325,7 +414,7 @@ pub fn run(plan: &Plan, ds: Dataset, out: &Path, jobs: usize, verbose: bool) -> 
     std::env::set_var("RAYON_NUM_THREADS", threads_per_job.to_string());
     let start = now();
     let source = Source::now();
-    let write_manifest = |end: Option<&str>, done: usize| -> Result<()> {
+    let write_manifest = |end: Option<&str>, done: usize, failure: Option<&str>| -> Result<()> {
         let m = manifest(
             plan,
             &source,
@@ -335,10 +424,11 @@ pub fn run(plan: &Plan, ds: Dataset, out: &Path, jobs: usize, verbose: bool) -> 
             end,
             done,
             all.len(),
+            failure,
         );
         write_atomic(&out.join(MANIFEST_JSON), &serde_json::to_vec_pretty(&m)?)
     };
-    write_manifest(None, skipped)?;
+    write_manifest(None, skipped, None)?;
     eprintln!(
         "sweep into {}: {} runs ({} already finished, {} to run) on {jobs} job(s) × {threads_per_job} thread(s)",
         out.display(),
@@ -373,7 +463,7 @@ pub fn run(plan: &Plan, ds: Dataset, out: &Path, jobs: usize, verbose: bool) -> 
                 let _ = tx.send(Event::Started(key.clone()));
                 let etx = tx.clone();
                 let result = pool.install(|| {
-                    train::run(&key, &cfg, &ds, |e| {
+                    run_caught(&key, &cfg, &ds, |e| {
                         let _ = etx.send(Event::Epoch(e.clone()));
                     })
                 });
@@ -437,12 +527,22 @@ pub fn run(plan: &Plan, ds: Dataset, out: &Path, jobs: usize, verbose: bool) -> 
     }
     bar.finish_and_clear();
     for w in workers {
-        w.join()
-            .map_err(|_| anyhow::anyhow!("a worker thread panicked"))??;
+        let joined = w
+            .join()
+            .map_err(|p| anyhow::anyhow!("a worker panicked: {}", panic_message(p)))
+            .and_then(|r| r);
+        if let Err(e) = joined {
+            failure.get_or_insert(e);
+        }
     }
-    write_manifest(Some(&now()), done)?;
+    let failed = failure.as_ref().map(|e| format!("{e:#}"));
+    write_manifest(Some(&now()), done, failed.as_deref())?;
     if let Some(e) = failure {
-        return Err(e);
+        return Err(e.context(format!(
+            "the sweep stopped; {done} finished runs are kept in {} (rerun the same command to \
+             resume)",
+            out.display()
+        )));
     }
     report::report(out)?;
     eprintln!("wrote {}", out.display());
@@ -452,6 +552,17 @@ pub fn run(plan: &Plan, ds: Dataset, out: &Path, jobs: usize, verbose: bool) -> 
 /// Combines the finished runs of shard folders `sources` into `out` and rebuilds its reports.
 pub fn merge(out: &Path, sources: &[PathBuf]) -> Result<()> {
     ensure!(!sources.is_empty(), "merge needs at least one shard folder");
+    let mut locks = vec![results::lock_folder(out)?];
+    for src in sources {
+        ensure!(
+            src.join(MANIFEST_JSON).is_file(),
+            "{} is not a sweep folder (no {MANIFEST_JSON})",
+            src.display()
+        );
+        if src != out {
+            locks.push(results::lock_folder(src)?);
+        }
+    }
     let mut settings: Option<serde_json::Value> = None;
     let mut manifest_of_first = None;
     let (mut runs, mut epochs): (Vec<RunRow>, Vec<EpochRow>) = (Vec::new(), Vec::new());

@@ -170,6 +170,26 @@ pub fn train_step(
     Ok(Some(value))
 }
 
+/// Whether every variable (weights and running statistics) holds finite values only.
+pub fn all_finite(varmap: &VarMap) -> Result<bool> {
+    let data = varmap
+        .data()
+        .lock()
+        .map_err(|_| anyhow::anyhow!("poisoned VarMap"))?;
+    for var in data.values() {
+        // NaN and ±inf survive a sum (inf − inf is NaN); finite values this model holds do not
+        // overflow f64.
+        let sum = var
+            .as_tensor()
+            .to_dtype(candle_core::DType::F64)?
+            .sum_all()?;
+        if !sum.to_scalar::<f64>()?.is_finite() {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
 /// Trains and evaluates one run; `on_epoch` sees each epoch's row as it completes.
 pub fn run(
     key: &RunKey,
@@ -231,6 +251,8 @@ pub fn run(
         epochs.push(row);
     }
 
+    // The last step can leave non-finite weights behind a finite loss: that run diverged too.
+    diverged = diverged || !all_finite(&varmap)?;
     let (err, err_b, err_large) = if diverged {
         (f64::NAN, f64::NAN, f64::NAN)
     } else {
@@ -260,6 +282,25 @@ pub fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn non_finite_weights_are_found() {
+        let varmap = VarMap::new();
+        let vb = candle_nn::VarBuilder::from_varmap(&varmap, candle_core::DType::F32, &Device::Cpu);
+        let w = vb.get((2, 3), "w").unwrap();
+        assert!(all_finite(&varmap).unwrap());
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            let mut values = vec![0.5f32; 6];
+            values[4] = bad;
+            let data = varmap.data().lock().unwrap();
+            data["w"]
+                .set(&Tensor::from_vec(values, (2, 3), &Device::Cpu).unwrap())
+                .unwrap();
+            drop(data);
+            assert!(!all_finite(&varmap).unwrap(), "{bad}");
+        }
+        drop(w);
+    }
 
     #[test]
     fn learning_rate_warms_up_linearly_then_decays_to_zero() {

@@ -400,7 +400,213 @@ fn bad_arguments_fail_before_any_training() {
         assert!(!out.exists(), "{args:?} created the output folder");
     }
     let e = fails(&["report", o]);
-    assert!(e.contains("no finished runs"), "{e}");
+    assert!(e.contains("is not a folder"), "{e}");
+    // Inputs that used to run as something else, mark every run diverged, or abort on an
+    // allocation: refused before any training, naming the problem.
+    for (args, msg) in [
+        (vec!["--jobs", "0"], "--jobs 0 runs nothing"),
+        (
+            vec!["--weight-decay", "NaN"],
+            "--weight-decay must be a number >= 0",
+        ),
+        (
+            vec!["--weight-decay=-1e-4"],
+            "--weight-decay must be a number >= 0",
+        ),
+        (
+            vec!["--base-lr=-0.1"],
+            "--base-lr must be a positive number",
+        ),
+        (
+            vec!["--warmup-epochs", "2"],
+            "longer than the run (--epochs 1)",
+        ),
+        (
+            vec!["--warmup-epochs", "NaN"],
+            "--warmup-epochs must be a number >= 0",
+        ),
+        (
+            vec!["--dataset", "synthetic:train=1000000000000"],
+            "GiB of memory is available",
+        ),
+        (
+            vec!["--model", "resnet:width=100000"],
+            "GiB of memory is available",
+        ),
+    ] {
+        let mut full = vec!["sweep", "--quick", "--out", o];
+        full.extend(args.iter());
+        let e = fails(&full);
+        assert!(e.contains(msg), "{args:?}: {e}");
+        assert!(!out.exists(), "{args:?} created the output folder");
+    }
+    for (args, msg) in [
+        (
+            vec!["--batch-sizes", "0"],
+            "every batch size must be at least 1",
+        ),
+        (vec!["--threads", "0"], "--threads 0 runs nothing"),
+    ] {
+        let mut full = vec!["bench-conv", "--min-time", "0"];
+        full.extend(args.iter());
+        let e = fails(&full);
+        assert!(e.contains(msg), "{args:?}: {e}");
+    }
+}
+
+/// A sweep of one step with a rate so large that the step itself leaves non-finite weights.
+fn one_step_sweep(out: &Path, more: &[&str]) -> Output {
+    let mut args = vec![
+        "sweep",
+        "--dataset",
+        "synthetic:train=8,test=8",
+        "--batch-sizes",
+        "8",
+        "--epochs",
+        "1",
+        "--warmup-epochs",
+        "0",
+        "--base-lr",
+        "1e300",
+        "--norms",
+        "gn:groups=8",
+        "--seeds",
+        "0",
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    args.extend_from_slice(more);
+    experiments(&args)
+}
+
+#[test]
+fn nan_after_the_last_step_is_divergence_and_retried_only_when_asked() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("last-step");
+    assert!(one_step_sweep(&out, &[]).status.success());
+    let runs = read(&out, "runs.csv");
+    let row = runs.lines().nth(1).unwrap();
+    assert!(row.ends_with(",true") && row.contains("NaN"), "{runs}");
+    // Resuming keeps the diverged run as a result; --retry-diverged trains it again.
+    let again = one_step_sweep(&out, &[]);
+    assert!(String::from_utf8_lossy(&again.stderr).contains("0 to run"));
+    let retried = one_step_sweep(&out, &["--retry-diverged"]);
+    let e = String::from_utf8_lossy(&retried.stderr);
+    assert!(retried.status.success() && e.contains("1 to run"), "{e}");
+    assert_eq!(
+        read(&out, "runs.csv").lines().count(),
+        2,
+        "one row, not two"
+    );
+
+    // `report` reads a damaged folder as a repair would, and changes nothing on disk.
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(out.join("runs.csv"))
+        .unwrap();
+    f.write_all(format!("{row}\ngn:groups=8,8,1,0.1").as_bytes())
+        .unwrap();
+    drop(f);
+    let damaged = read(&out, "runs.csv");
+    ok(&["report", out.to_str().unwrap()]);
+    assert_eq!(read(&out, "runs.csv"), damaged);
+    let summary = read(&out, "summary.csv");
+    let n_diverged = summary.lines().nth(1).unwrap().split(',').nth(7).unwrap();
+    assert_eq!(
+        n_diverged, "1",
+        "the duplicate row is not counted:\n{summary}"
+    );
+}
+
+#[test]
+fn a_panicking_run_stops_the_sweep_cleanly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("panic");
+    let run = Command::new(env!("CARGO_BIN_EXE_experiments"))
+        .args([
+            "sweep",
+            "--quick",
+            "--jobs",
+            "1",
+            "--out",
+            out.to_str().unwrap(),
+        ])
+        .env_remove("RUST_BACKTRACE")
+        .env("NORMBENCH_PANIC_IN_RUN", "gn:groups=8,2,0")
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&run.stderr);
+    assert!(!run.status.success(), "{e}");
+    assert!(e.contains("run gn:groups=8 B=2 seed=0 failed"), "{e}");
+    assert!(e.contains("3 finished runs are kept"), "{e}");
+    assert_eq!(
+        read(&out, "runs.csv").lines().count(),
+        4,
+        "header and 3 runs"
+    );
+    let manifest: serde_json::Value = serde_json::from_str(&read(&out, "manifest.json")).unwrap();
+    let failure = manifest["failure"].as_str().unwrap_or_default();
+    assert!(failure.contains("panicked"), "{manifest}");
+    // Resuming trains only the run that failed.
+    let e = ok(&[
+        "sweep",
+        "--quick",
+        "--jobs",
+        "1",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(e.contains("3 already finished, 1 to run"), "{e}");
+    let manifest: serde_json::Value = serde_json::from_str(&read(&out, "manifest.json")).unwrap();
+    assert!(manifest["failure"].is_null(), "{manifest}");
+}
+
+#[test]
+fn one_writer_per_folder_and_kill_9_leaves_no_stale_lock() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("busy");
+    let o = out.to_str().unwrap();
+    let mut first = Command::new(env!("CARGO_BIN_EXE_experiments"))
+        .args([
+            "sweep", "--quick", "--jobs", "1", "--epochs", "20", "--out", o,
+        ])
+        .env_remove("RUST_BACKTRACE")
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = first.id().to_string();
+    let lock = out.join(".normbench.lock");
+    let started = std::time::Instant::now();
+    while std::fs::read_to_string(&lock)
+        .map(|s| s.trim() != pid)
+        .unwrap_or(true)
+    {
+        assert!(
+            started.elapsed().as_secs() < 30,
+            "the first sweep never took the lock"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let merged = tmp.path().join("merged");
+    for args in [
+        vec![
+            "sweep", "--quick", "--jobs", "1", "--epochs", "20", "--out", o,
+        ],
+        vec!["report", o],
+        vec!["merge", "--out", merged.to_str().unwrap(), o],
+    ] {
+        let e = fails(&args);
+        assert!(
+            e.contains("in use by another normbench process"),
+            "{args:?}: {e}"
+        );
+        assert!(e.contains(&format!("pid {pid}")), "{args:?}: {e}");
+    }
+    first.kill().unwrap();
+    first.wait().unwrap();
+    // The lock died with its holder: the folder can be taken again at once.
+    let e = String::from_utf8_lossy(&experiments(&["report", o]).stderr).to_string();
+    assert!(!e.contains("in use"), "{e}");
 }
 
 #[test]
