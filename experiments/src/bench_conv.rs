@@ -1,8 +1,8 @@
 //! `bench-conv`: the fast convolution against candle's `conv2d` on the default model's layers,
 //! and a whole training step of the model with each, printed as markdown tables.
 
-use crate::bench_norms::measure_pair;
 use crate::model::{ModelConfig, ResNet};
+use crate::timing::{measure, measure_pair};
 use crate::train::{optimizer, train_step, TrainConfig};
 use anyhow::{ensure, Result};
 use candle_core::{Device, Module, Tensor, Var};
@@ -22,9 +22,9 @@ pub struct BenchArgs {
     min_time: f64,
 }
 
-/// Median seconds per call of `f` (see [`crate::bench_norms::measure`]).
+/// Median seconds per call of `f` (see [`measure`]).
 fn time(min_time: f64, f: impl FnMut() -> Result<()>) -> Result<f64> {
-    Ok(crate::bench_norms::measure(min_time, f)?.0)
+    Ok(measure(min_time, f)?.0)
 }
 
 struct Layer {

@@ -2,7 +2,7 @@
 //! own layers, printed as markdown tables with speed-ups, effective bandwidth against a copy of
 //! the same size, and peak extra memory.
 
-use crate::alloc;
+use crate::timing::{measure, measure_net, median};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Module, ModuleT, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
@@ -10,7 +10,6 @@ use normalizers::kernels::{fused_backward, fused_normalize, lean_keeps_stats, Se
 use rayon::prelude::*;
 use std::path::PathBuf;
 use std::process::Command;
-use std::time::Instant;
 
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
@@ -52,30 +51,6 @@ const DEFAULT_SHAPES: [[usize; 4]; 5] = [
     [8, 512, 7, 7],
     [32, 32, 32, 32],
 ];
-
-/// Seconds of one call of `f`, and the peak bytes it allocated above the level before it.
-fn sample(f: &mut dyn FnMut() -> Result<()>) -> Result<(f64, usize)> {
-    let level = alloc::reset_peak();
-    let t = Instant::now();
-    f()?;
-    let secs = t.elapsed().as_secs_f64();
-    Ok((secs, alloc::peak().saturating_sub(level)))
-}
-
-/// Median seconds per call of `f` and peak bytes allocated above the level before a call, over
-/// at least 3 calls and `min_time` seconds, after one warm-up call.
-pub fn measure(min_time: f64, mut f: impl FnMut() -> Result<()>) -> Result<(f64, usize)> {
-    f()?;
-    let mut samples = Vec::new();
-    let mut peak = 0;
-    let start = Instant::now();
-    while samples.len() < 3 || start.elapsed().as_secs_f64() < min_time {
-        let (secs, bytes) = sample(&mut f)?;
-        samples.push(secs);
-        peak = peak.max(bytes);
-    }
-    Ok((median(samples), peak))
-}
 
 /// A normalization layer under test: normbench's (fused or reference) or candle-nn's.
 enum Layer {
@@ -158,61 +133,6 @@ struct Timing {
     mem_fwd: usize,
     /// Peak memory of forward+backward less the harness's.
     mem_net: usize,
-}
-
-/// Timed calls of `a` and `b` alternating, so that drift in the machine's speed hits both
-/// alike: (seconds, peak bytes) of each call, over at least 5 pairs and `min_time` seconds,
-/// after one warm-up call of each.
-pub fn alternate(
-    min_time: f64,
-    mut a: impl FnMut() -> Result<()>,
-    mut b: impl FnMut() -> Result<()>,
-) -> Result<Vec<[(f64, usize); 2]>> {
-    a()?;
-    b()?;
-    let mut pairs = Vec::new();
-    let start = Instant::now();
-    while pairs.len() < 5 || start.elapsed().as_secs_f64() < min_time {
-        pairs.push([sample(&mut a)?, sample(&mut b)?]);
-    }
-    Ok(pairs)
-}
-
-/// The median: the middle value, or the mean of the middle two.
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    let h = v.len() / 2;
-    if v.len().is_multiple_of(2) {
-        (v[h - 1] + v[h]) / 2.0
-    } else {
-        v[h]
-    }
-}
-
-/// Median seconds per call of `a` and of `b`, timed alternating (see [`alternate`]).
-pub fn measure_pair(
-    min_time: f64,
-    a: impl FnMut() -> Result<()>,
-    b: impl FnMut() -> Result<()>,
-) -> Result<(f64, f64)> {
-    let pairs = alternate(min_time, a, b)?;
-    Ok((
-        median(pairs.iter().map(|p| p[0].0).collect()),
-        median(pairs.iter().map(|p| p[1].0).collect()),
-    ))
-}
-
-/// Median seconds per call of `f` less a call of `base`, the two alternating (see
-/// [`alternate`]); and the peaks of `f` and `base`.
-fn measure_net(
-    min_time: f64,
-    base: impl FnMut() -> Result<()>,
-    f: impl FnMut() -> Result<()>,
-) -> Result<(f64, usize, usize)> {
-    let pairs = alternate(min_time, base, f)?;
-    let peak = |i: usize| pairs.iter().map(|p| p[i].1).max().unwrap_or(0);
-    let net = median(pairs.iter().map(|[b, f]| f.0 - b.0).collect());
-    Ok((net, peak(1), peak(0)))
 }
 
 fn fwd_bwd(layer: &Layer, x: &Var, r: &Tensor) -> Result<()> {
@@ -522,16 +442,4 @@ fn tables(args: &BenchArgs, shapes: &[[usize; 4]], threads: usize) -> Result<Fus
         println!();
     }
     Ok(fused)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::median;
-
-    #[test]
-    fn median_takes_the_middle_value_or_the_mean_of_the_middle_two() {
-        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
-        assert_eq!(median(vec![4.0, 1.0, 3.0, 2.0]), 2.5);
-        assert_eq!(median(vec![0.91, 1.05]), 0.98);
-    }
 }

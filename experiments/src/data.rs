@@ -50,26 +50,6 @@ pub enum DatasetSpec {
     Cifar10(PathBuf),
 }
 
-/// The `key=N` options of a `--flag NAME:key=N,...` argument `whole`, N a whole number.
-pub fn whole_number_options<'a>(
-    opts: &'a str,
-    flag: &str,
-    whole: &str,
-) -> Result<Vec<(&'a str, u64)>> {
-    opts.split(',')
-        .filter(|kv| !kv.is_empty())
-        .map(|kv| {
-            let (k, v) = kv.split_once('=').with_context(|| {
-                format!("malformed option {kv:?} in {flag} {whole:?}; write key=value")
-            })?;
-            let n = v
-                .parse()
-                .with_context(|| format!("{flag} option {k}={v:?} is not a whole number"))?;
-            Ok((k, n))
-        })
-        .collect()
-}
-
 /// The embedded data set's size, seed and difficulty.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SyntheticConfig {
@@ -145,10 +125,7 @@ impl FromStr for DatasetSpec {
         match name {
             "synthetic" => {
                 let mut cfg = SyntheticConfig::default();
-                for kv in arg.split(',').filter(|kv| !kv.is_empty()) {
-                    let (k, v) = kv.split_once('=').with_context(|| {
-                        format!("malformed option {kv:?} in --dataset {s:?}; write key=value")
-                    })?;
+                for (k, v) in crate::options::key_values(arg, "--dataset", s)? {
                     cfg.set(k, v)?;
                 }
                 ensure!(

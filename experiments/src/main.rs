@@ -6,10 +6,12 @@ mod bench_norms;
 mod data;
 mod model;
 mod optim;
+mod options;
 mod plot;
 mod report;
 mod results;
 mod sweep;
+mod timing;
 mod train;
 
 use anyhow::{Context, Result};

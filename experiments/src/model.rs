@@ -48,7 +48,7 @@ impl FromStr for ModelConfig {
             "unknown model {name:?}; expected resnet[:width=W,blocks=B,groups=G,stem=S]"
         );
         let mut cfg = ModelConfig::default();
-        for (k, n) in crate::data::whole_number_options(opts, "--model", s)? {
+        for (k, n) in crate::options::whole_number_options(opts, "--model", s)? {
             ensure!(
                 n > 0,
                 "--model option {k}={n} is not a positive whole number"

@@ -2,8 +2,7 @@
 //! scale, largest on the left), a line per normalizer with error bars over seeds. Written as SVG
 //! and PNG with an embedded font (DejaVu Sans), so no system fonts are needed.
 
-use crate::report::SummaryRow;
-use crate::results::{FIGURE_PNG, FIGURE_SVG};
+use crate::results::{SummaryRow, FIGURE_PNG, FIGURE_SVG};
 use anyhow::{anyhow, Result};
 use plotters::coord::Shift;
 use plotters::prelude::*;

@@ -2,26 +2,10 @@
 //! paper-ready tables (`summary.md`, `summary.tex`) and the figure.
 
 use crate::plot;
-use crate::results::{self, write_atomic, RUNS_CSV};
-use crate::train::RunRow;
+use crate::results::{self, write_atomic, RunRow, SummaryRow, RUNS_CSV};
 use anyhow::{ensure, Result};
-use serde::{Deserialize, Serialize};
 use std::fmt::Write as _;
 use std::path::Path;
-
-/// A row of `summary.csv`: one normalizer at one batch size, over its seeds. Diverged runs
-/// count in `n_diverged`, not in the statistics.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct SummaryRow {
-    pub norm: String,
-    pub batch_size: usize,
-    pub n: usize,
-    pub test_error_mean: f64,
-    pub test_error_std: f64,
-    pub test_error_batch_stats_mean: f64,
-    pub test_error_large_batch_stats_mean: f64,
-    pub n_diverged: usize,
-}
 
 /// Mean and sample standard deviation (n − 1; 0 for a single value).
 pub fn mean_std(values: &[f64]) -> (f64, f64) {

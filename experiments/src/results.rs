@@ -5,10 +5,9 @@
 //! resumed sweep counts each finished run exactly once. One process at a time writes a folder:
 //! [`lock_folder`] takes an OS lock that dies with its holder, so kill -9 leaves nothing stale.
 
-use crate::train::{EpochRow, RunKey, RunRow};
 use anyhow::{bail, Context, Result};
 use serde::de::DeserializeOwned;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
 use std::fs::{File, OpenOptions, TryLockError};
 use std::io::Write;
@@ -23,6 +22,81 @@ pub const MANIFEST_JSON: &str = "manifest.json";
 pub const FIGURE_SVG: &str = "error_vs_batch.svg";
 pub const FIGURE_PNG: &str = "error_vs_batch.png";
 pub const LOCK_FILE: &str = ".normbench.lock";
+
+/// One run of the sweep.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RunKey {
+    pub norm: String,
+    pub batch_size: usize,
+    pub seed: u64,
+}
+
+/// A row of `runs.csv`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RunRow {
+    pub norm: String,
+    pub batch_size: usize,
+    pub seed: u64,
+    pub lr: f64,
+    pub epochs: usize,
+    pub steps: usize,
+    /// Percent, normalizers in evaluation mode (BatchNorm with its running statistics).
+    pub test_error: f64,
+    /// Percent, normalizing with the statistics of test batches of the training batch size.
+    pub test_error_batch_stats: f64,
+    /// Percent, normalizing with the statistics of test batches of `large_eval_batch`.
+    pub test_error_large_batch_stats: f64,
+    /// Mean training loss of the last epoch.
+    pub train_loss: f64,
+    pub wall_seconds: f64,
+    pub diverged: bool,
+}
+
+impl RunRow {
+    pub fn key(&self) -> RunKey {
+        RunKey {
+            norm: self.norm.clone(),
+            batch_size: self.batch_size,
+            seed: self.seed,
+        }
+    }
+}
+
+/// A row of `epochs.csv`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct EpochRow {
+    pub norm: String,
+    pub batch_size: usize,
+    pub seed: u64,
+    pub epoch: usize,
+    pub lr: f64,
+    pub train_loss: f64,
+    pub test_error: f64,
+}
+
+impl EpochRow {
+    pub fn key(&self) -> RunKey {
+        RunKey {
+            norm: self.norm.clone(),
+            batch_size: self.batch_size,
+            seed: self.seed,
+        }
+    }
+}
+
+/// A row of `summary.csv`: one normalizer at one batch size, over its seeds. Diverged runs
+/// count in `n_diverged`, not in the statistics.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SummaryRow {
+    pub norm: String,
+    pub batch_size: usize,
+    pub n: usize,
+    pub test_error_mean: f64,
+    pub test_error_std: f64,
+    pub test_error_batch_stats_mean: f64,
+    pub test_error_large_batch_stats_mean: f64,
+    pub n_diverged: usize,
+}
 
 /// Holds a results folder for this process until dropped (or the process ends).
 #[derive(Debug)]

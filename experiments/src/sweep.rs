@@ -3,8 +3,8 @@
 use crate::data::{Dataset, DatasetSpec};
 use crate::model::{ModelConfig, ResNet};
 use crate::report;
-use crate::results::{self, write_atomic, MANIFEST_JSON};
-use crate::train::{self, EpochRow, RunKey, RunRow, TrainConfig};
+use crate::results::{self, write_atomic, EpochRow, RunKey, RunRow, MANIFEST_JSON};
+use crate::train::{self, TrainConfig};
 use anyhow::{bail, ensure, Context, Result};
 use candle_nn::VarMap;
 use indicatif::{ProgressBar, ProgressStyle};

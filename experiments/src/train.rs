@@ -4,6 +4,7 @@
 use crate::data::{Dataset, Split};
 use crate::model::{is_normalizer_var, is_running_stat, Mode, ModelConfig, ResNet};
 use crate::optim::Sgd;
+use crate::results::{EpochRow, RunKey, RunRow};
 use anyhow::Result;
 use candle_core::{Device, Tensor};
 use candle_nn::VarMap;
@@ -27,67 +28,6 @@ pub struct TrainConfig {
     /// Batch size of the large-batch evaluation with batch statistics.
     pub large_eval_batch: usize,
     pub conv: String,
-}
-
-/// One run of the sweep.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct RunKey {
-    pub norm: String,
-    pub batch_size: usize,
-    pub seed: u64,
-}
-
-/// A row of `runs.csv`.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct RunRow {
-    pub norm: String,
-    pub batch_size: usize,
-    pub seed: u64,
-    pub lr: f64,
-    pub epochs: usize,
-    pub steps: usize,
-    /// Percent, normalizers in evaluation mode (BatchNorm with its running statistics).
-    pub test_error: f64,
-    /// Percent, normalizing with the statistics of test batches of the training batch size.
-    pub test_error_batch_stats: f64,
-    /// Percent, normalizing with the statistics of test batches of `large_eval_batch`.
-    pub test_error_large_batch_stats: f64,
-    /// Mean training loss of the last epoch.
-    pub train_loss: f64,
-    pub wall_seconds: f64,
-    pub diverged: bool,
-}
-
-impl RunRow {
-    pub fn key(&self) -> RunKey {
-        RunKey {
-            norm: self.norm.clone(),
-            batch_size: self.batch_size,
-            seed: self.seed,
-        }
-    }
-}
-
-/// A row of `epochs.csv`.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct EpochRow {
-    pub norm: String,
-    pub batch_size: usize,
-    pub seed: u64,
-    pub epoch: usize,
-    pub lr: f64,
-    pub train_loss: f64,
-    pub test_error: f64,
-}
-
-impl EpochRow {
-    pub fn key(&self) -> RunKey {
-        RunKey {
-            norm: self.norm.clone(),
-            batch_size: self.batch_size,
-            seed: self.seed,
-        }
-    }
 }
 
 /// Learning rate at `step` of `total`: linear warm-up over `warmup` steps to `peak`, then a
