@@ -377,6 +377,153 @@ fn run_caught(
     .unwrap_or_else(|payload| bail!("panicked: {}", panic_message(payload)))
 }
 
+/// The runs of the plan not yet finished in `out` (after a repair; diverged runs count as
+/// unfinished with `retry_diverged`), in the plan's order.
+fn pending(plan: &Plan, out: &Path, retry_diverged: bool) -> Result<VecDeque<RunKey>> {
+    let kept = if retry_diverged {
+        results::forget_diverged(out)?
+    } else {
+        results::repair(out)?
+    };
+    let finished = results::finished(&kept);
+    Ok(plan
+        .runs()
+        .into_iter()
+        .filter(|k| !finished.contains(k))
+        .collect())
+}
+
+type Queue = Arc<Mutex<VecDeque<RunKey>>>;
+
+/// `jobs` threads, each on a rayon pool of `threads` threads, training runs from `queue` until
+/// it is empty and reporting to `tx`.
+fn spawn_workers(
+    jobs: usize,
+    threads: usize,
+    queue: &Queue,
+    tx: mpsc::Sender<Event>,
+    ds: Arc<Dataset>,
+    cfg: &TrainConfig,
+) -> Vec<std::thread::JoinHandle<Result<()>>> {
+    (0..jobs)
+        .map(|_| {
+            let (queue, tx, ds, cfg) = (queue.clone(), tx.clone(), ds.clone(), cfg.clone());
+            std::thread::spawn(move || -> Result<()> {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()?;
+                loop {
+                    let next = queue
+                        .lock()
+                        .map_err(|_| anyhow::anyhow!("queue poisoned"))?
+                        .pop_front();
+                    let Some(key) = next else { return Ok(()) };
+                    let _ = tx.send(Event::Started(key.clone()));
+                    let etx = tx.clone();
+                    let result = pool.install(|| {
+                        run_caught(&key, &cfg, &ds, |e| {
+                            let _ = etx.send(Event::Epoch(e.clone()));
+                        })
+                    });
+                    let _ = tx.send(Event::Finished(result, key));
+                }
+            })
+        })
+        .collect()
+}
+
+fn progress_bar(len: usize) -> ProgressBar {
+    let bar = ProgressBar::new(len as u64);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} runs  {elapsed_precise} elapsed, ETA {eta_precise}  {msg}",
+        )
+        .expect("static template"),
+    );
+    bar
+}
+
+fn epoch_line(e: &EpochRow) -> String {
+    let key = RunKey {
+        norm: e.norm.clone(),
+        batch_size: e.batch_size,
+        seed: e.seed,
+    };
+    format!(
+        "{} epoch {}: lr {:.4}, train loss {:.4}, test error {:.2}%",
+        describe(&key),
+        e.epoch,
+        e.lr,
+        e.train_loss,
+        e.test_error
+    )
+}
+
+/// Records each run as it finishes, until every worker is done; the number of runs recorded
+/// and the first failure. A failure stops handing out runs; those in flight finish and are kept.
+fn record_events(
+    rx: mpsc::Receiver<Event>,
+    queue: &Queue,
+    out: &Path,
+    verbose: bool,
+    bar: &ProgressBar,
+) -> Result<(usize, Option<anyhow::Error>)> {
+    let (mut running, mut failure, mut done) = (Vec::<RunKey>::new(), None, 0);
+    for event in rx {
+        match event {
+            Event::Started(k) => running.push(k),
+            Event::Epoch(e) if verbose => say(bar, epoch_line(&e)),
+            Event::Epoch(_) => {}
+            Event::Finished(result, key) => {
+                running.retain(|k| k != &key);
+                match result
+                    .and_then(|(row, epochs)| results::record_run(out, &row, &epochs).map(|_| row))
+                {
+                    Ok(row) => {
+                        done += 1;
+                        let status = if row.diverged {
+                            "diverged".to_string()
+                        } else {
+                            format!("{:.2}% error", row.test_error)
+                        };
+                        let line =
+                            format!("{}: {status} in {:.0}s", describe(&key), row.wall_seconds);
+                        say(bar, line);
+                    }
+                    Err(e) => {
+                        queue
+                            .lock()
+                            .map_err(|_| anyhow::anyhow!("queue poisoned"))?
+                            .clear();
+                        failure.get_or_insert(e.context(format!("run {} failed", describe(&key))));
+                    }
+                }
+                bar.inc(1);
+            }
+        }
+        bar.set_message(running.iter().map(describe).collect::<Vec<_>>().join(", "));
+    }
+    bar.finish_and_clear();
+    Ok((done, failure))
+}
+
+/// Waits for the workers; the first failure among `failure` and theirs.
+fn join_workers(
+    workers: Vec<std::thread::JoinHandle<Result<()>>>,
+    mut failure: Option<anyhow::Error>,
+) -> Option<anyhow::Error> {
+    for w in workers {
+        let joined = w
+            .join()
+            .map_err(|p| anyhow::anyhow!("a worker panicked: {}", panic_message(p)))
+            .and_then(|r| r);
+        if let Err(e) = joined {
+            failure.get_or_insert(e);
+        }
+    }
+    failure
+}
+
 /// Runs the plan into `out`, skipping runs already finished there (and those that diverged,
 /// unless `retry_diverged`).
 pub fn run(
@@ -391,19 +538,9 @@ pub fn run(
     ensure!(jobs >= 1, "--jobs 0 runs nothing; give at least 1");
     let _lock = results::lock_folder(out)?;
     check_settings(out, plan)?;
-    let kept = if retry_diverged {
-        results::forget_diverged(out)?
-    } else {
-        results::repair(out)?
-    };
-    let finished = results::finished(&kept);
-    let all = plan.runs();
-    let todo: VecDeque<RunKey> = all
-        .iter()
-        .filter(|k| !finished.contains(k))
-        .cloned()
-        .collect();
-    let skipped = all.len() - todo.len();
+    let todo = pending(plan, out, retry_diverged)?;
+    let total = plan.runs().len();
+    let skipped = total - todo.len();
     let cpus = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
@@ -412,8 +549,7 @@ pub fn run(
     // candle's matmul sizes its own thread split from RAYON_NUM_THREADS at every call, not from
     // the pool it runs in: without this, each job's matmuls would split for all the CPUs.
     std::env::set_var("RAYON_NUM_THREADS", threads_per_job.to_string());
-    let start = now();
-    let source = Source::now();
+    let (start, source) = (now(), Source::now());
     let write_manifest = |end: Option<&str>, done: usize, failure: Option<&str>| -> Result<()> {
         let m = manifest(
             plan,
@@ -423,118 +559,26 @@ pub fn run(
             &start,
             end,
             done,
-            all.len(),
+            total,
             failure,
         );
         write_atomic(&out.join(MANIFEST_JSON), &serde_json::to_vec_pretty(&m)?)
     };
     write_manifest(None, skipped, None)?;
     eprintln!(
-        "sweep into {}: {} runs ({} already finished, {} to run) on {jobs} job(s) × {threads_per_job} thread(s)",
+        "sweep into {}: {total} runs ({skipped} already finished, {} to run) on {jobs} job(s) × \
+         {threads_per_job} thread(s)",
         out.display(),
-        all.len(),
-        skipped,
         todo.len()
     );
 
-    let bar = ProgressBar::new(todo.len() as u64);
-    bar.set_style(
-        ProgressStyle::with_template(
-            "{bar:30} {pos}/{len} runs  {elapsed_precise} elapsed, ETA {eta_precise}  {msg}",
-        )
-        .expect("static template"),
-    );
-    let ds = Arc::new(ds);
-    let queue = Arc::new(Mutex::new(todo));
+    let bar = progress_bar(todo.len());
+    let queue: Queue = Arc::new(Mutex::new(todo));
     let (tx, rx) = mpsc::channel::<Event>();
-    let mut workers = Vec::new();
-    for _ in 0..jobs {
-        let (queue, tx, ds, cfg) = (queue.clone(), tx.clone(), ds.clone(), plan.train.clone());
-        workers.push(std::thread::spawn(move || -> Result<()> {
-            let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(threads_per_job)
-                .build()?;
-            loop {
-                let next = queue
-                    .lock()
-                    .map_err(|_| anyhow::anyhow!("queue poisoned"))?
-                    .pop_front();
-                let Some(key) = next else { return Ok(()) };
-                let _ = tx.send(Event::Started(key.clone()));
-                let etx = tx.clone();
-                let result = pool.install(|| {
-                    run_caught(&key, &cfg, &ds, |e| {
-                        let _ = etx.send(Event::Epoch(e.clone()));
-                    })
-                });
-                let _ = tx.send(Event::Finished(result, key));
-            }
-        }));
-    }
-    drop(tx);
-    let mut running: Vec<RunKey> = Vec::new();
-    let mut failure = None;
-    let mut done = skipped;
-    for event in rx {
-        match event {
-            Event::Started(k) => running.push(k),
-            Event::Epoch(e) if verbose => say(
-                &bar,
-                format!(
-                    "{} epoch {}: lr {:.4}, train loss {:.4}, test error {:.2}%",
-                    describe(&RunKey {
-                        norm: e.norm.clone(),
-                        batch_size: e.batch_size,
-                        seed: e.seed
-                    }),
-                    e.epoch,
-                    e.lr,
-                    e.train_loss,
-                    e.test_error
-                ),
-            ),
-            Event::Epoch(_) => {}
-            Event::Finished(result, key) => {
-                running.retain(|k| k != &key);
-                match result
-                    .and_then(|(row, epochs)| results::record_run(out, &row, &epochs).map(|_| row))
-                {
-                    Ok(row) => {
-                        done += 1;
-                        let status = if row.diverged {
-                            "diverged".to_string()
-                        } else {
-                            format!("{:.2}% error", row.test_error)
-                        };
-                        say(
-                            &bar,
-                            format!("{}: {status} in {:.0}s", describe(&key), row.wall_seconds),
-                        );
-                    }
-                    Err(e) => {
-                        // Stop handing out runs; the ones in flight finish and are kept.
-                        queue
-                            .lock()
-                            .map_err(|_| anyhow::anyhow!("queue poisoned"))?
-                            .clear();
-                        failure.get_or_insert(e.context(format!("run {} failed", describe(&key))));
-                    }
-                }
-                bar.inc(1);
-            }
-        }
-        bar.set_message(running.iter().map(describe).collect::<Vec<_>>().join(", "));
-    }
-    bar.finish_and_clear();
-    for w in workers {
-        let joined = w
-            .join()
-            .map_err(|p| anyhow::anyhow!("a worker panicked: {}", panic_message(p)))
-            .and_then(|r| r);
-        if let Err(e) = joined {
-            failure.get_or_insert(e);
-        }
-    }
+    let workers = spawn_workers(jobs, threads_per_job, &queue, tx, Arc::new(ds), &plan.train);
+    let (recorded, failure) = record_events(rx, &queue, out, verbose, &bar)?;
+    let failure = join_workers(workers, failure);
+    let done = skipped + recorded;
     let failed = failure.as_ref().map(|e| format!("{e:#}"));
     write_manifest(Some(&now()), done, failed.as_deref())?;
     if let Some(e) = failure {
