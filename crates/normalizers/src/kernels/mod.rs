@@ -23,12 +23,21 @@
 //! threads (`parallel`: chunks from a shared cursor, the caller spinning briefly for the last
 //! ones), each set reduced by one thread, and the per-sample partial sums of dw and db added in
 //! sample order: results are bit-identical for every thread count and CPU.
+//!
+//! Files by role: `geom` (how values form sets, steps), `normalize` (statistics and the
+//! forward), `backward`, `ops` (the candle custom ops and the public functions, which check
+//! every operand's shape), `lanes` (the inner loops; `lanes/avx2.rs` their intrinsics) and
+//! `parallel` (the work-splitting loop). Design notes and measurements: `docs/kernels.md`.
 
+mod backward;
+mod geom;
 mod lanes;
+mod normalize;
 mod ops;
 mod parallel;
 
+pub use geom::{Sets, Stats};
 pub use ops::{
     fused_backward, fused_normalize, fused_normalize_fixed, fused_normalize_lean, lean_keeps_stats,
-    Sets, SharedStats, Stats,
+    SharedStats,
 };
