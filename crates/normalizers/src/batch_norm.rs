@@ -13,7 +13,7 @@ use crate::forward;
 use crate::input;
 use crate::kernels::Sets;
 use crate::params::{Affine, RunningStats};
-use crate::spec::{Impl, NormSpec};
+use crate::spec::{BatchNormConfig, Impl, NormSpec};
 use crate::Normalizer;
 use candle_core::{bail, Result, Tensor};
 use candle_nn::{ModuleT, VarBuilder};
@@ -40,25 +40,16 @@ enum Stats {
 }
 
 impl BatchNorm {
-    /// Builds the BatchNorm that `spec` (a `NormSpec::Batch`) describes.
-    pub fn new(spec: NormSpec, num_channels: usize, vb: VarBuilder) -> Result<Self> {
-        let NormSpec::Batch {
-            momentum,
-            eps,
-            affine,
-            track_running_stats,
-            imp,
-        } = spec
-        else {
-            bail!("BatchNorm::new takes a bn spec, got {spec}");
-        };
+    /// Builds the BatchNorm that `cfg` describes.
+    pub fn new(cfg: BatchNormConfig, num_channels: usize, vb: VarBuilder) -> Result<Self> {
+        let c = cfg.common;
         Ok(Self {
-            spec,
+            spec: NormSpec::Batch(cfg),
             num_channels,
-            eps,
-            imp,
-            affine: Affine::maybe(affine, num_channels, &vb)?,
-            running: RunningStats::maybe(track_running_stats, num_channels, momentum, &vb)?,
+            eps: c.eps,
+            imp: c.imp,
+            affine: Affine::maybe(c.affine, num_channels, &vb)?,
+            running: RunningStats::maybe(cfg.track_running_stats, num_channels, cfg.momentum, &vb)?,
         })
     }
 

@@ -10,7 +10,7 @@ use crate::forward::{self, Normalized};
 use crate::input;
 use crate::kernels::Sets;
 use crate::params::Affine;
-use crate::spec::{Impl, NormSpec};
+use crate::spec::{Common, GroupNormConfig, Impl, NormSpec};
 use crate::Normalizer;
 use candle_core::{bail, Result, Tensor};
 use candle_nn::{ModuleT, VarBuilder};
@@ -26,18 +26,15 @@ pub struct GroupNorm {
 }
 
 impl GroupNorm {
-    /// Builds the GroupNorm that `spec` (a `NormSpec::Group`) describes.
-    pub fn new(spec: NormSpec, num_channels: usize, vb: VarBuilder) -> Result<Self> {
-        let NormSpec::Group {
-            groups,
-            eps,
-            affine,
-            imp,
-        } = spec
-        else {
-            bail!("GroupNorm::new takes a gn spec, got {spec}");
-        };
-        Self::with_groups(spec, num_channels, groups, eps, affine, imp, vb)
+    /// Builds the GroupNorm that `cfg` describes.
+    pub fn new(cfg: GroupNormConfig, num_channels: usize, vb: VarBuilder) -> Result<Self> {
+        Self::with_groups(
+            NormSpec::Group(cfg),
+            num_channels,
+            cfg.groups,
+            cfg.common,
+            vb,
+        )
     }
 
     /// The GroupNorm that LayerNorm (G = 1) and InstanceNorm (G = C) are, carrying their `spec`.
@@ -45,11 +42,10 @@ impl GroupNorm {
         spec: NormSpec,
         num_channels: usize,
         groups: usize,
-        eps: f64,
-        affine: bool,
-        imp: Impl,
+        common: Common,
         vb: VarBuilder,
     ) -> Result<Self> {
+        let Common { eps, affine, imp } = common;
         if groups == 0 || !num_channels.is_multiple_of(groups) {
             let divisors: Vec<String> = (1..=num_channels)
                 .filter(|g| num_channels.is_multiple_of(*g))

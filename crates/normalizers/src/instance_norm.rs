@@ -14,7 +14,7 @@ use crate::forward;
 use crate::group_norm::GroupNorm;
 use crate::input::{self, InputDims};
 use crate::params::RunningStats;
-use crate::spec::NormSpec;
+use crate::spec::{InstanceNormConfig, NormSpec};
 use crate::Normalizer;
 use candle_core::{bail, Result, Tensor};
 use candle_nn::{ModuleT, VarBuilder};
@@ -26,21 +26,13 @@ pub struct InstanceNorm {
 }
 
 impl InstanceNorm {
-    /// Builds the InstanceNorm that `spec` (a `NormSpec::Instance`) describes.
-    pub fn new(spec: NormSpec, num_channels: usize, vb: VarBuilder) -> Result<Self> {
-        let NormSpec::Instance {
-            eps,
-            affine,
-            track_running_stats,
-            momentum,
-            imp,
-        } = spec
-        else {
-            bail!("InstanceNorm::new takes an in spec, got {spec}");
-        };
+    /// Builds the InstanceNorm that `cfg` describes.
+    pub fn new(cfg: InstanceNormConfig, num_channels: usize, vb: VarBuilder) -> Result<Self> {
+        let spec = NormSpec::Instance(cfg);
+        let c = num_channels;
         Ok(Self {
-            running: RunningStats::maybe(track_running_stats, num_channels, momentum, &vb)?,
-            inner: GroupNorm::with_groups(spec, num_channels, num_channels, eps, affine, imp, vb)?,
+            running: RunningStats::maybe(cfg.track_running_stats, c, cfg.momentum, &vb)?,
+            inner: GroupNorm::with_groups(spec, c, c, cfg.common, vb)?,
         })
     }
 

@@ -6,9 +6,9 @@
 //! Not candle-nn's `LayerNorm`: its fused path has no backward and drops gradients.
 
 use crate::group_norm::GroupNorm;
-use crate::spec::NormSpec;
+use crate::spec::{LayerNormConfig, NormSpec};
 use crate::Normalizer;
-use candle_core::{bail, Result, Tensor};
+use candle_core::{Result, Tensor};
 use candle_nn::{ModuleT, VarBuilder};
 
 #[derive(Debug, Clone)]
@@ -17,13 +17,11 @@ pub struct LayerNorm {
 }
 
 impl LayerNorm {
-    /// Builds the LayerNorm that `spec` (a `NormSpec::Layer`) describes.
-    pub fn new(spec: NormSpec, num_channels: usize, vb: VarBuilder) -> Result<Self> {
-        let NormSpec::Layer { eps, affine, imp } = spec else {
-            bail!("LayerNorm::new takes an ln spec, got {spec}");
-        };
+    /// Builds the LayerNorm that `cfg` describes.
+    pub fn new(cfg: LayerNormConfig, num_channels: usize, vb: VarBuilder) -> Result<Self> {
+        let spec = NormSpec::Layer(cfg);
         Ok(Self {
-            inner: GroupNorm::with_groups(spec, num_channels, 1, eps, affine, imp, vb)?,
+            inner: GroupNorm::with_groups(spec, num_channels, 1, cfg.common, vb)?,
         })
     }
 }

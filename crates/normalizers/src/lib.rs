@@ -39,7 +39,10 @@ pub use batch_norm::BatchNorm;
 pub use group_norm::GroupNorm;
 pub use instance_norm::InstanceNorm;
 pub use layer_norm::LayerNorm;
-pub use spec::{Impl, Momentum, NormSpec};
+pub use spec::{
+    BatchNormConfig, Common, GroupNormConfig, Impl, InstanceNormConfig, LayerNormConfig, Momentum,
+    NormSpec,
+};
 
 use candle_core::{bail, Result, Tensor};
 use candle_nn::VarBuilder;
@@ -83,9 +86,9 @@ pub fn build(spec: &NormSpec, num_channels: usize, vb: VarBuilder) -> Result<Box
         bail!("{}: num_channels must be at least 1", spec.name());
     }
     Ok(match spec {
-        NormSpec::Batch { .. } => Box::new(BatchNorm::new(spec.clone(), num_channels, vb)?),
-        NormSpec::Group { .. } => Box::new(GroupNorm::new(spec.clone(), num_channels, vb)?),
-        NormSpec::Layer { .. } => Box::new(LayerNorm::new(spec.clone(), num_channels, vb)?),
-        NormSpec::Instance { .. } => Box::new(InstanceNorm::new(spec.clone(), num_channels, vb)?),
+        NormSpec::Batch(cfg) => Box::new(BatchNorm::new(*cfg, num_channels, vb)?),
+        NormSpec::Group(cfg) => Box::new(GroupNorm::new(*cfg, num_channels, vb)?),
+        NormSpec::Layer(cfg) => Box::new(LayerNorm::new(*cfg, num_channels, vb)?),
+        NormSpec::Instance(cfg) => Box::new(InstanceNorm::new(*cfg, num_channels, vb)?),
     })
 }

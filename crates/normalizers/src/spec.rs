@@ -46,34 +46,90 @@ impl fmt::Display for Impl {
     }
 }
 
-/// A parsed spec string. Build one with [`str::parse`], print it with `Display`.
+/// The options every normalizer has.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Common {
+    pub eps: f64,
+    pub affine: bool,
+    pub imp: Impl,
+}
+
+impl Default for Common {
+    fn default() -> Self {
+        Self {
+            eps: DEFAULT_EPS,
+            affine: true,
+            imp: Impl::Fused,
+        }
+    }
+}
+
+/// `bn`'s options.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BatchNormConfig {
+    pub momentum: Momentum,
+    pub track_running_stats: bool,
+    pub common: Common,
+}
+
+impl Default for BatchNormConfig {
+    fn default() -> Self {
+        Self {
+            momentum: DEFAULT_MOMENTUM,
+            track_running_stats: true,
+            common: Common::default(),
+        }
+    }
+}
+
+/// `gn`'s options.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct GroupNormConfig {
+    pub groups: usize,
+    pub common: Common,
+}
+
+impl Default for GroupNormConfig {
+    fn default() -> Self {
+        Self {
+            groups: DEFAULT_GROUPS,
+            common: Common::default(),
+        }
+    }
+}
+
+/// `ln`'s options.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct LayerNormConfig {
+    pub common: Common,
+}
+
+/// `in`'s options (running statistics off by default, as PyTorch's InstanceNorm).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct InstanceNormConfig {
+    pub track_running_stats: bool,
+    pub momentum: Momentum,
+    pub common: Common,
+}
+
+impl Default for InstanceNormConfig {
+    fn default() -> Self {
+        Self {
+            track_running_stats: false,
+            momentum: DEFAULT_MOMENTUM,
+            common: Common::default(),
+        }
+    }
+}
+
+/// A parsed spec string: one normalizer's config. Build one with [`str::parse`], print it with
+/// `Display`.
 #[derive(Debug, Clone, PartialEq)]
 pub enum NormSpec {
-    Batch {
-        momentum: Momentum,
-        eps: f64,
-        affine: bool,
-        track_running_stats: bool,
-        imp: Impl,
-    },
-    Group {
-        groups: usize,
-        eps: f64,
-        affine: bool,
-        imp: Impl,
-    },
-    Layer {
-        eps: f64,
-        affine: bool,
-        imp: Impl,
-    },
-    Instance {
-        eps: f64,
-        affine: bool,
-        track_running_stats: bool,
-        momentum: Momentum,
-        imp: Impl,
-    },
+    Batch(BatchNormConfig),
+    Group(GroupNormConfig),
+    Layer(LayerNormConfig),
+    Instance(InstanceNormConfig),
 }
 
 pub const DEFAULT_EPS: f64 = 1e-5;
@@ -82,214 +138,158 @@ pub const DEFAULT_GROUPS: usize = 32;
 
 const NAMES: &str = "bn (batch), gn (group), ln (layer), in (instance)";
 
+/// Each normalizer's short name, long alias and options, in canonical order: what parsing
+/// accepts, what `Display` prints (where an option differs from its default) and what error
+/// messages list.
+const KEYS: [(&str, &str, &[&str]); 4] = [
+    (
+        "bn",
+        "batch",
+        &["momentum", "eps", "affine", "track_running_stats", "impl"],
+    ),
+    ("gn", "group", &["groups", "eps", "affine", "impl"]),
+    ("ln", "layer", &["eps", "affine", "impl"]),
+    (
+        "in",
+        "instance",
+        &["eps", "affine", "track_running_stats", "momentum", "impl"],
+    ),
+];
+
 impl NormSpec {
     pub fn batch() -> Self {
-        NormSpec::Batch {
-            momentum: DEFAULT_MOMENTUM,
-            eps: DEFAULT_EPS,
-            affine: true,
-            track_running_stats: true,
-            imp: Impl::Fused,
-        }
+        NormSpec::Batch(BatchNormConfig::default())
     }
 
     pub fn group(groups: usize) -> Self {
-        NormSpec::Group {
+        NormSpec::Group(GroupNormConfig {
             groups,
-            eps: DEFAULT_EPS,
-            affine: true,
-            imp: Impl::Fused,
-        }
+            ..Default::default()
+        })
     }
 
     pub fn layer() -> Self {
-        NormSpec::Layer {
-            eps: DEFAULT_EPS,
-            affine: true,
-            imp: Impl::Fused,
-        }
+        NormSpec::Layer(LayerNormConfig::default())
     }
 
     pub fn instance() -> Self {
-        NormSpec::Instance {
-            eps: DEFAULT_EPS,
-            affine: true,
-            track_running_stats: false,
-            momentum: DEFAULT_MOMENTUM,
-            imp: Impl::Fused,
-        }
+        NormSpec::Instance(InstanceNormConfig::default())
+    }
+
+    /// The default spec of the normalizer called `name` (short or long, any case).
+    fn named(name: &str) -> Option<Self> {
+        let name = name.to_ascii_lowercase();
+        let (short, _, _) = KEYS.iter().find(|(s, l, _)| *s == name || *l == name)?;
+        Some(match *short {
+            "bn" => NormSpec::batch(),
+            "gn" => NormSpec::group(DEFAULT_GROUPS),
+            "ln" => NormSpec::layer(),
+            _ => NormSpec::instance(),
+        })
     }
 
     /// The canonical short name: `bn`, `gn`, `ln` or `in`.
     pub fn name(&self) -> &'static str {
         match self {
-            NormSpec::Batch { .. } => "bn",
-            NormSpec::Group { .. } => "gn",
-            NormSpec::Layer { .. } => "ln",
-            NormSpec::Instance { .. } => "in",
+            NormSpec::Batch(_) => "bn",
+            NormSpec::Group(_) => "gn",
+            NormSpec::Layer(_) => "ln",
+            NormSpec::Instance(_) => "in",
+        }
+    }
+
+    fn keys(&self) -> &'static [&'static str] {
+        KEYS.iter()
+            .find(|(s, _, _)| *s == self.name())
+            .map_or(&[], |(_, _, keys)| keys)
+    }
+
+    /// The options every normalizer shares.
+    pub fn common(&self) -> &Common {
+        match self {
+            NormSpec::Batch(c) => &c.common,
+            NormSpec::Group(c) => &c.common,
+            NormSpec::Layer(c) => &c.common,
+            NormSpec::Instance(c) => &c.common,
+        }
+    }
+
+    fn common_mut(&mut self) -> &mut Common {
+        match self {
+            NormSpec::Batch(c) => &mut c.common,
+            NormSpec::Group(c) => &mut c.common,
+            NormSpec::Layer(c) => &mut c.common,
+            NormSpec::Instance(c) => &mut c.common,
         }
     }
 
     pub fn eps(&self) -> f64 {
-        match self {
-            NormSpec::Batch { eps, .. }
-            | NormSpec::Group { eps, .. }
-            | NormSpec::Layer { eps, .. }
-            | NormSpec::Instance { eps, .. } => *eps,
-        }
+        self.common().eps
     }
 
     pub fn affine(&self) -> bool {
-        match self {
-            NormSpec::Batch { affine, .. }
-            | NormSpec::Group { affine, .. }
-            | NormSpec::Layer { affine, .. }
-            | NormSpec::Instance { affine, .. } => *affine,
-        }
+        self.common().affine
     }
 
     pub fn imp(&self) -> Impl {
-        match self {
-            NormSpec::Batch { imp, .. }
-            | NormSpec::Group { imp, .. }
-            | NormSpec::Layer { imp, .. }
-            | NormSpec::Instance { imp, .. } => *imp,
-        }
+        self.common().imp
     }
 
     /// Whether the output of one sample depends on the other samples of the batch in training.
     pub fn uses_batch_statistics(&self) -> bool {
-        matches!(self, NormSpec::Batch { .. })
+        matches!(self, NormSpec::Batch(_))
     }
 
+    /// The value of option `key` (one of [`KEYS`]'), as it prints.
+    fn get(&self, key: &str) -> String {
+        let c = self.common();
+        match (self, key) {
+            (_, "eps") => format!("{:e}", c.eps),
+            (_, "affine") => c.affine.to_string(),
+            (_, "impl") => c.imp.to_string(),
+            (NormSpec::Batch(b), "momentum") => b.momentum.to_string(),
+            (NormSpec::Instance(i), "momentum") => i.momentum.to_string(),
+            (NormSpec::Batch(b), "track_running_stats") => b.track_running_stats.to_string(),
+            (NormSpec::Instance(i), "track_running_stats") => i.track_running_stats.to_string(),
+            (NormSpec::Group(g), "groups") => g.groups.to_string(),
+            _ => String::new(),
+        }
+    }
+
+    /// The options that differ from the normalizer's defaults, in canonical order.
     fn options(&self) -> Vec<(&'static str, String)> {
-        let mut out = Vec::new();
-        let default_eps = |eps: f64, out: &mut Vec<_>| {
-            if eps != DEFAULT_EPS {
-                out.push(("eps", format!("{eps:e}")));
-            }
-        };
-        match *self {
-            NormSpec::Batch {
-                momentum,
-                eps,
-                affine,
-                track_running_stats,
-                ..
-            } => {
-                if momentum != DEFAULT_MOMENTUM {
-                    out.push(("momentum", momentum.to_string()));
-                }
-                default_eps(eps, &mut out);
-                if !affine {
-                    out.push(("affine", "false".into()));
-                }
-                if !track_running_stats {
-                    out.push(("track_running_stats", "false".into()));
-                }
-            }
-            NormSpec::Group {
-                groups,
-                eps,
-                affine,
-                ..
-            } => {
-                if groups != DEFAULT_GROUPS {
-                    out.push(("groups", groups.to_string()));
-                }
-                default_eps(eps, &mut out);
-                if !affine {
-                    out.push(("affine", "false".into()));
-                }
-            }
-            NormSpec::Layer { eps, affine, .. } => {
-                default_eps(eps, &mut out);
-                if !affine {
-                    out.push(("affine", "false".into()));
-                }
-            }
-            NormSpec::Instance {
-                eps,
-                affine,
-                track_running_stats,
-                momentum,
-                ..
-            } => {
-                default_eps(eps, &mut out);
-                if !affine {
-                    out.push(("affine", "false".into()));
-                }
-                if track_running_stats {
-                    out.push(("track_running_stats", "true".into()));
-                }
-                if momentum != DEFAULT_MOMENTUM {
-                    out.push(("momentum", momentum.to_string()));
-                }
-            }
-        }
-        if self.imp() != Impl::Fused {
-            out.push(("impl", self.imp().to_string()));
-        }
-        out
+        let default = NormSpec::named(self.name()).unwrap_or_else(NormSpec::layer);
+        self.keys()
+            .iter()
+            .map(|&key| (key, self.get(key)))
+            .filter(|(key, value)| *value != default.get(key))
+            .collect()
     }
 
     fn set(&mut self, key: &str, value: &str) -> Result<()> {
-        let name = self.name();
+        if !self.keys().contains(&key) {
+            bail!(
+                "unknown option \"{key}\" for normalizer {}; valid options are {}",
+                self.name(),
+                self.keys().join(", ")
+            );
+        }
         match (self, key) {
-            (
-                NormSpec::Batch { eps, .. }
-                | NormSpec::Group { eps, .. }
-                | NormSpec::Layer { eps, .. }
-                | NormSpec::Instance { eps, .. },
-                "eps",
-            ) => *eps = parse_eps(value)?,
-            (
-                NormSpec::Batch { affine, .. }
-                | NormSpec::Group { affine, .. }
-                | NormSpec::Layer { affine, .. }
-                | NormSpec::Instance { affine, .. },
-                "affine",
-            ) => *affine = parse_bool(key, value)?,
-            (
-                NormSpec::Batch {
-                    track_running_stats,
-                    ..
-                }
-                | NormSpec::Instance {
-                    track_running_stats,
-                    ..
-                },
-                "track_running_stats",
-            ) => *track_running_stats = parse_bool(key, value)?,
-            (NormSpec::Batch { momentum, .. }, "momentum") => {
-                *momentum = parse_momentum(value, true)?
+            (s, "eps") => s.common_mut().eps = parse_eps(value)?,
+            (s, "affine") => s.common_mut().affine = parse_bool(key, value)?,
+            (s, "impl") => s.common_mut().imp = parse_impl(value)?,
+            (NormSpec::Batch(b), "momentum") => b.momentum = parse_momentum(value, true)?,
+            (NormSpec::Instance(i), "momentum") => i.momentum = parse_momentum(value, false)?,
+            (NormSpec::Batch(b), "track_running_stats") => {
+                b.track_running_stats = parse_bool(key, value)?
             }
-            (NormSpec::Instance { momentum, .. }, "momentum") => {
-                *momentum = parse_momentum(value, false)?
+            (NormSpec::Instance(i), "track_running_stats") => {
+                i.track_running_stats = parse_bool(key, value)?
             }
-            (NormSpec::Group { groups, .. }, "groups") => *groups = parse_groups(value)?,
-            (
-                NormSpec::Batch { imp, .. }
-                | NormSpec::Group { imp, .. }
-                | NormSpec::Layer { imp, .. }
-                | NormSpec::Instance { imp, .. },
-                "impl",
-            ) => *imp = parse_impl(value)?,
-            (_, key) => bail!(
-                "unknown option \"{key}\" for normalizer {name}; valid options are {}",
-                valid_keys(name)
-            ),
+            (NormSpec::Group(g), "groups") => g.groups = parse_groups(value)?,
+            (s, key) => bail!("option \"{key}\" of {} has no setter", s.name()),
         }
         Ok(())
-    }
-}
-
-fn valid_keys(name: &str) -> &'static str {
-    match name {
-        "bn" => "momentum, eps, affine, track_running_stats, impl",
-        "gn" => "groups, eps, affine, impl",
-        "ln" => "eps, affine, impl",
-        _ => "eps, affine, track_running_stats, momentum, impl",
     }
 }
 
@@ -361,13 +361,11 @@ impl FromStr for NormSpec {
             Some((name, options)) => (name.trim(), Some(options)),
             None => (s, None),
         };
-        let mut spec = match name.to_ascii_lowercase().as_str() {
-            "bn" | "batch" => NormSpec::batch(),
-            "gn" | "group" => NormSpec::group(DEFAULT_GROUPS),
-            "ln" | "layer" => NormSpec::layer(),
-            "in" | "instance" => NormSpec::instance(),
-            "" => bail!("empty normalizer spec; expected one of {NAMES}"),
-            _ => bail!("unknown normalizer \"{name}\" in spec \"{s}\"; expected one of {NAMES}"),
+        if name.is_empty() {
+            bail!("empty normalizer spec; expected one of {NAMES}");
+        }
+        let Some(mut spec) = NormSpec::named(name) else {
+            bail!("unknown normalizer \"{name}\" in spec \"{s}\"; expected one of {NAMES}");
         };
         let Some(options) = options else {
             return Ok(spec);
@@ -422,19 +420,43 @@ mod tests {
     }
 
     #[test]
+    fn every_key_in_the_table_parses_and_prints() {
+        for (name, long, keys) in KEYS {
+            for &key in keys {
+                let value = match (name, key) {
+                    (_, "eps") => "0.001",
+                    (_, "affine") => "false",
+                    (_, "impl") => "reference",
+                    (_, "momentum") => "0.5",
+                    ("bn", "track_running_stats") => "false",
+                    (_, "track_running_stats") => "true",
+                    (_, "groups") => "4",
+                    _ => panic!("no test value for {name}:{key}"),
+                };
+                let spec: NormSpec = format!("{long}:{key}={value}").parse().unwrap();
+                let text = spec.to_string();
+                assert!(text.starts_with(&format!("{name}:{key}=")), "{text}");
+                assert_eq!(text.parse::<NormSpec>().unwrap(), spec);
+            }
+        }
+    }
+
+    #[test]
     fn options_parse_and_print_canonically() {
         let spec: NormSpec = " bn : eps=1e-3 , momentum=None,affine=false "
             .parse()
             .unwrap();
         assert_eq!(
             spec,
-            NormSpec::Batch {
+            NormSpec::Batch(BatchNormConfig {
                 momentum: Momentum::Cumulative,
-                eps: 1e-3,
-                affine: false,
                 track_running_stats: true,
-                imp: Impl::Fused,
-            }
+                common: Common {
+                    eps: 1e-3,
+                    affine: false,
+                    imp: Impl::Fused,
+                },
+            })
         );
         assert_eq!(spec.to_string(), "bn:momentum=none,eps=1e-3,affine=false");
         let gn: NormSpec = "gn:groups=4,eps=0.00002".parse().unwrap();

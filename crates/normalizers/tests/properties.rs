@@ -6,7 +6,10 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use common::{assert_close, build, randomize_affine, to_f64};
-use normalizers::{Impl, Momentum, NormSpec};
+use normalizers::{
+    BatchNormConfig, Common, GroupNormConfig, Impl, InstanceNormConfig, LayerNormConfig, Momentum,
+    NormSpec,
+};
 use proptest::prelude::*;
 
 /// (N, C, spatial...) with C a multiple of `groups`, and values with per-tensor offset and scale.
@@ -104,34 +107,30 @@ fn spec_strategy() -> impl Strategy<Value = NormSpec> {
             imp.clone()
         )
             .prop_map(|(momentum, eps, affine, track_running_stats, imp)| {
-                NormSpec::Batch {
+                NormSpec::Batch(BatchNormConfig {
                     momentum,
-                    eps,
-                    affine,
                     track_running_stats,
-                    imp,
-                }
+                    common: Common { eps, affine, imp },
+                })
             }),
         (1usize..64, eps.clone(), any::<bool>(), imp.clone()).prop_map(
-            |(groups, eps, affine, imp)| NormSpec::Group {
+            |(groups, eps, affine, imp)| NormSpec::Group(GroupNormConfig {
                 groups,
-                eps,
-                affine,
-                imp
-            }
+                common: Common { eps, affine, imp },
+            })
         ),
-        (eps.clone(), any::<bool>(), imp.clone()).prop_map(|(eps, affine, imp)| NormSpec::Layer {
-            eps,
-            affine,
-            imp
+        (eps.clone(), any::<bool>(), imp.clone()).prop_map(|(eps, affine, imp)| {
+            NormSpec::Layer(LayerNormConfig {
+                common: Common { eps, affine, imp },
+            })
         }),
         (eps, any::<bool>(), any::<bool>(), exp_momentum, imp).prop_map(
-            |(eps, affine, track_running_stats, momentum, imp)| NormSpec::Instance {
-                eps,
-                affine,
-                track_running_stats,
-                momentum,
-                imp,
+            |(eps, affine, track_running_stats, momentum, imp)| {
+                NormSpec::Instance(InstanceNormConfig {
+                    track_running_stats,
+                    momentum,
+                    common: Common { eps, affine, imp },
+                })
             }
         ),
     ]
@@ -178,7 +177,7 @@ proptest! {
     fn specs_round_trip(spec in spec_strategy()) {
         let text = spec.to_string();
         prop_assert_eq!(text.parse::<NormSpec>().unwrap(), spec.clone());
-        let c = match spec { NormSpec::Group { groups, .. } => groups * 2, _ => 6 };
+        let c = match &spec { NormSpec::Group(g) => g.groups * 2, _ => 6 };
         let (norm, _) = build(&text, c, DType::F32);
         prop_assert_eq!(norm.norm_spec(), &spec);
         prop_assert_eq!(norm.spec(), text);
