@@ -34,6 +34,44 @@ fn x_of(b: usize, largest: usize) -> f64 {
     (largest as f64 / b as f64).log2()
 }
 
+/// The y range: every mean ± std, padded by a tenth (at least a point), within 0–100%.
+fn y_range(rows: &[SummaryRow]) -> (f64, f64) {
+    let finite = rows.iter().filter(|r| r.n > 0);
+    let y_max = finite
+        .clone()
+        .map(|r| r.test_error_mean + r.test_error_std)
+        .fold(0.0, f64::max);
+    let y_min = finite
+        .map(|r| r.test_error_mean - r.test_error_std)
+        .fold(f64::MAX, f64::min);
+    let pad = ((y_max - y_min) * 0.1).max(1.0);
+    ((y_min - pad).max(0.0), (y_max + pad).min(100.0))
+}
+
+/// `norm`'s (x, mean, std) at each batch size that has finished runs.
+fn points(
+    rows: &[SummaryRow],
+    norm: &str,
+    sizes: &[usize],
+    largest: usize,
+) -> Vec<(f64, f64, f64)> {
+    sizes
+        .iter()
+        .filter_map(|&b| {
+            rows.iter()
+                .find(|r| r.norm == norm && r.batch_size == b && r.n > 0)
+        })
+        .map(|r| {
+            (
+                x_of(r.batch_size, largest),
+                r.test_error_mean,
+                r.test_error_std,
+            )
+        })
+        .collect()
+}
+
+/// The figure: axes, then for each normalizer its line, points and error bars, then the legend.
 fn draw<DB: DrawingBackend>(
     area: DrawingArea<DB, Shift>,
     rows: &[SummaryRow],
@@ -51,16 +89,7 @@ where
         .map(|&b| x_of(b, largest))
         .fold(0.0, f64::max)
         .max(1.0);
-    let finite = rows.iter().filter(|r| r.n > 0);
-    let y_max = finite
-        .clone()
-        .map(|r| r.test_error_mean + r.test_error_std)
-        .fold(0.0, f64::max);
-    let y_min = finite
-        .map(|r| r.test_error_mean - r.test_error_std)
-        .fold(f64::MAX, f64::min);
-    let pad = ((y_max - y_min) * 0.1).max(1.0);
-    let (y_lo, y_hi) = ((y_min - pad).max(0.0), (y_max + pad).min(100.0));
+    let (y_lo, y_hi) = y_range(rows);
     let mut chart = ChartBuilder::on(&area)
         .caption("Test error vs. batch size per step", ("sans-serif", 22))
         .margin(14)
@@ -88,20 +117,7 @@ where
         .map_err(err)?;
     for (i, norm) in norms.iter().enumerate() {
         let color = COLORS[i % COLORS.len()];
-        let points: Vec<(f64, f64, f64)> = sizes
-            .iter()
-            .filter_map(|&b| {
-                rows.iter()
-                    .find(|r| &r.norm == norm && r.batch_size == b && r.n > 0)
-            })
-            .map(|r| {
-                (
-                    x_of(r.batch_size, largest),
-                    r.test_error_mean,
-                    r.test_error_std,
-                )
-            })
-            .collect();
+        let points = points(rows, norm, sizes, largest);
         chart
             .draw_series(LineSeries::new(
                 points.iter().map(|p| (p.0, p.1)),
@@ -155,7 +171,7 @@ pub fn error_vs_batch(
     )?;
     crate::results::write_atomic(&dir.join(FIGURE_SVG), svg.as_bytes())?;
 
-    let png_tmp = dir.join(format!("{FIGURE_PNG}.tmp.png"));
+    let png_tmp = dir.join(format!("{FIGURE_PNG}.{}.tmp.png", std::process::id()));
     draw(
         BitMapBackend::new(&png_tmp, size).into_drawing_area(),
         rows,

@@ -31,6 +31,16 @@ pub struct RunKey {
     pub seed: u64,
 }
 
+impl RunKey {
+    pub fn of(norm: &str, batch_size: usize, seed: u64) -> Self {
+        Self {
+            norm: norm.to_string(),
+            batch_size,
+            seed,
+        }
+    }
+}
+
 /// A row of `runs.csv`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct RunRow {
@@ -54,11 +64,7 @@ pub struct RunRow {
 
 impl RunRow {
     pub fn key(&self) -> RunKey {
-        RunKey {
-            norm: self.norm.clone(),
-            batch_size: self.batch_size,
-            seed: self.seed,
-        }
+        RunKey::of(&self.norm, self.batch_size, self.seed)
     }
 }
 
@@ -76,11 +82,7 @@ pub struct EpochRow {
 
 impl EpochRow {
     pub fn key(&self) -> RunKey {
-        RunKey {
-            norm: self.norm.clone(),
-            batch_size: self.batch_size,
-            seed: self.seed,
-        }
+        RunKey::of(&self.norm, self.batch_size, self.seed)
     }
 }
 

@@ -444,11 +444,7 @@ fn progress_bar(len: usize) -> ProgressBar {
 }
 
 fn epoch_line(e: &EpochRow) -> String {
-    let key = RunKey {
-        norm: e.norm.clone(),
-        batch_size: e.batch_size,
-        seed: e.seed,
-    };
+    let key = e.key();
     format!(
         "{} epoch {}: lr {:.4}, train loss {:.4}, test error {:.2}%",
         describe(&key),
