@@ -1,12 +1,11 @@
 //! `bench-conv`: the fast convolution against candle's `conv2d` on the default model's layers,
 //! and a whole training step of the model with each, printed as markdown tables.
 
-use crate::model::{ModelConfig, ResNet};
+use crate::bench_train::step_case;
+use crate::model::ModelConfig;
 use crate::timing::{measure, measure_pair};
-use crate::train::{optimizer, train_step, TrainConfig};
 use anyhow::{ensure, Result};
 use candle_core::{Device, Module, Tensor, Var};
-use candle_nn::VarMap;
 use conv::{Conv2d, Conv2dConfig, ConvImpl};
 
 #[derive(clap::Args, Debug)]
@@ -27,20 +26,21 @@ fn time(min_time: f64, f: impl FnMut() -> Result<()>) -> Result<f64> {
     Ok(measure(min_time, f)?.0)
 }
 
-struct Layer {
-    name: &'static str,
-    cin: usize,
-    cout: usize,
-    size: usize,
-    kernel: usize,
-    stride: usize,
+/// A convolution to time: its input of `size`×`size`, its kernel and stride.
+pub struct ConvLayer {
+    pub name: &'static str,
+    pub cin: usize,
+    pub cout: usize,
+    pub size: usize,
+    pub kernel: usize,
+    pub stride: usize,
     /// Whether the layer's input needs a gradient (every layer but the first).
-    input_grad: bool,
+    pub input_grad: bool,
 }
 
 /// The distinct convolutions of the default model on 16×16 images.
-fn layers(w: usize) -> Vec<Layer> {
-    let l = |name, cin, cout, size, kernel, stride, input_grad| Layer {
+fn layers(w: usize) -> Vec<ConvLayer> {
+    let l = |name, cin, cout, size, kernel, stride, input_grad| ConvLayer {
         name,
         cin,
         cout,
@@ -61,8 +61,8 @@ fn layers(w: usize) -> Vec<Layer> {
     ]
 }
 
-fn conv_case(
-    layer: &Layer,
+pub fn conv_case(
+    layer: &ConvLayer,
     b: usize,
     kind: ConvImpl,
     backward: bool,
@@ -96,7 +96,7 @@ fn conv_case(
     })
 }
 
-fn flops(layer: &Layer, b: usize) -> f64 {
+pub fn flops(layer: &ConvLayer, b: usize) -> f64 {
     let out = layer.size.div_ceil(layer.stride);
     2.0 * (b * layer.cout * out * out * layer.cin * layer.kernel * layer.kernel) as f64
 }
@@ -110,33 +110,6 @@ fn matmul_gflops(min_time: f64) -> Result<f64> {
         Ok(())
     })?;
     Ok(2.0 * (n * n * n) as f64 / t / 1e9)
-}
-
-/// One training step of the default model (bn) with convolution `kind`, as a closure to time.
-fn step_case(b: usize, kind: ConvImpl) -> Result<impl FnMut() -> Result<()>> {
-    let varmap = VarMap::new();
-    let model = ResNet::new(ModelConfig::default(), 3, 10, "bn", kind, &varmap, 0)?;
-    let cfg = TrainConfig {
-        model: ModelConfig::default().to_string(),
-        epochs: 1,
-        base_lr: 0.1,
-        warmup_epochs: 0.0,
-        momentum: 0.9,
-        weight_decay: 5e-4,
-        large_eval_batch: 250,
-        conv: kind.to_string(),
-    };
-    let mut sgd = optimizer(&varmap, &cfg)?;
-    let x = Tensor::randn(0f32, 1.0, (b, 3, 16, 16), &Device::Cpu)?;
-    let y = Tensor::from_vec(
-        (0..b as u32).map(|i| i % 10).collect::<Vec<_>>(),
-        b,
-        &Device::Cpu,
-    )?;
-    Ok(move || {
-        train_step(&model, &mut sgd, &x, &y, 0.01)?;
-        Ok(())
-    })
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
@@ -207,8 +180,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
         for &b in &args.batch_sizes {
             let (f, c) = measure_pair(
                 args.min_time,
-                step_case(b, ConvImpl::Fast)?,
-                step_case(b, ConvImpl::Candle)?,
+                step_case(ModelConfig::default(), "bn", b, 16, ConvImpl::Fast)?,
+                step_case(ModelConfig::default(), "bn", b, 16, ConvImpl::Candle)?,
             )?;
             println!("| {b} | {:.2} | {:.2} | {:.1}× |", f * 1e3, c * 1e3, c / f);
         }

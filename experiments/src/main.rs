@@ -3,6 +3,7 @@
 mod alloc;
 mod bench_conv;
 mod bench_norms;
+mod bench_train;
 mod data;
 mod model;
 mod optim;
@@ -60,6 +61,9 @@ enum Command {
     BenchConv(bench_conv::BenchArgs),
     /// Time the fused normalizers against their reference twins and candle-nn's layers.
     BenchNorms(bench_norms::BenchArgs),
+    /// Where a training step's time goes: the whole step per image, its convolutions, its
+    /// normalizers and the rest, per normalizer and batch size.
+    BenchTrain(bench_train::BenchArgs),
 }
 
 const SWEEP_EXAMPLES: &str = "Examples:
@@ -229,5 +233,6 @@ fn main() -> Result<()> {
         }
         Command::BenchConv(args) => bench_conv::run(args),
         Command::BenchNorms(args) => bench_norms::run(args),
+        Command::BenchTrain(args) => bench_train::run(args),
     }
 }

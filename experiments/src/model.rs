@@ -90,25 +90,46 @@ impl fmt::Display for ModelConfig {
     }
 }
 
+/// One convolution of the model (a normalizer follows each): its channels in and out, kernel,
+/// stride, and the side of its (square) input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConvShape {
+    pub cin: usize,
+    pub cout: usize,
+    pub kernel: usize,
+    pub stride: usize,
+    pub side: usize,
+}
+
+impl ConvShape {
+    pub fn out_side(&self) -> usize {
+        self.side.div_ceil(self.stride)
+    }
+}
+
 impl ModelConfig {
-    /// The convolutions as (input channels, output channels, kernel, output side) for images of
-    /// `side`×`side` with `in_channels` channels, in the order the model applies them.
-    fn convolutions(&self, in_channels: usize, side: usize) -> Vec<(u128, u128, u128, u128)> {
-        let mut side = side.div_ceil(self.stem) as u128;
-        let w = self.width as u128;
-        let mut convs = vec![(in_channels as u128, w, 3, side)];
-        let mut cin = w;
-        for stage in 0..3u32 {
-            let cout = w << stage;
+    /// The convolutions, in the order the model applies them, for images of `side`×`side`
+    /// with `in_channels` channels.
+    pub fn convolutions(&self, in_channels: usize, side: usize) -> Vec<ConvShape> {
+        let conv = |cin, cout, kernel, stride, side| ConvShape {
+            cin,
+            cout,
+            kernel,
+            stride,
+            side,
+        };
+        let mut convs = vec![conv(in_channels, self.width, 3, self.stem, side)];
+        let (mut side, mut cin) = (side.div_ceil(self.stem), self.width);
+        for stage in 0..3 {
+            let cout = self.width << stage;
             for b in 0..self.blocks {
-                if stage > 0 && b == 0 {
-                    side = side.div_ceil(2);
+                let stride = if stage > 0 && b == 0 { 2 } else { 1 };
+                convs.push(conv(cin, cout, 3, stride, side));
+                if stride != 1 || cin != cout {
+                    convs.push(conv(cin, cout, 1, stride, side));
                 }
-                convs.push((cin, cout, 3, side));
-                convs.push((cout, cout, 3, side));
-                if cin != cout || (stage > 0 && b == 0) {
-                    convs.push((cin, cout, 1, side));
-                }
+                side = side.div_ceil(stride);
+                convs.push(conv(cout, cout, 3, 1, side));
                 cin = cout;
             }
         }
@@ -126,15 +147,33 @@ impl ModelConfig {
         classes: usize,
         batch: usize,
     ) -> u128 {
+        // The widths are checked against memory only here: count in u128, before any
+        // product of them could overflow.
+        let w = self.width as u128;
+        let widest = w.saturating_mul(4);
+        if widest > 1 << 40 {
+            return u128::MAX;
+        }
         let convs = self.convolutions(in_channels, side);
         let weights: u128 = convs
             .iter()
-            .map(|&(i, o, k, _)| i * o * k * k + 2 * o)
+            .map(|c| {
+                let (i, o, k) = (c.cin as u128, c.cout as u128, c.kernel as u128);
+                i * o * k * k + 2 * o
+            })
             .sum::<u128>()
-            + (self.width as u128 * 4 + 1) * classes as u128;
+            + (widest + 1) * classes as u128;
         let per_image: u128 = convs
             .iter()
-            .map(|&(i, o, k, s)| (i * k * k + 6 * o) * s * s)
+            .map(|c| {
+                let (i, o, k, s) = (
+                    c.cin as u128,
+                    c.cout as u128,
+                    c.kernel as u128,
+                    c.out_side() as u128,
+                );
+                (i * k * k + 6 * o) * s * s
+            })
             .sum();
         4 * (3 * weights + batch as u128 * per_image)
     }
@@ -406,6 +445,37 @@ mod tests {
             (std / expected - 1.0).abs() < 0.1,
             "kaiming std {std} vs {expected}"
         );
+    }
+
+    #[test]
+    fn the_listed_convolutions_are_the_model_s() {
+        for cfg in [
+            "resnet",
+            "resnet:blocks=2,stem=2",
+            "resnet:width=8,groups=4",
+        ] {
+            let cfg: ModelConfig = cfg.parse().unwrap();
+            let varmap = VarMap::new();
+            ResNet::new(cfg, 3, 10, "bn", ConvImpl::Fast, &varmap, 0).unwrap();
+            let mut built: Vec<Vec<usize>> = varmap
+                .data()
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|(n, _)| n.ends_with("conv.weight"))
+                .map(|(_, v)| v.dims().to_vec())
+                .collect();
+            let mut listed: Vec<Vec<usize>> = cfg
+                .convolutions(3, 16)
+                .iter()
+                .map(|c| vec![c.cout, c.cin, c.kernel, c.kernel])
+                .collect();
+            built.sort();
+            listed.sort();
+            assert_eq!(built, listed, "{cfg}");
+        }
+        let last = *ModelConfig::default().convolutions(3, 16).last().unwrap();
+        assert_eq!((last.cout, last.out_side()), (64, 4));
     }
 
     #[test]

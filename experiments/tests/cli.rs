@@ -522,15 +522,16 @@ fn nan_after_the_last_step_is_divergence_and_retried_only_when_asked() {
 fn a_panicking_run_stops_the_sweep_cleanly() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("panic");
+    let args = [
+        "sweep",
+        "--quick",
+        "--jobs",
+        "1",
+        "--out",
+        out.to_str().unwrap(),
+    ];
     let run = Command::new(env!("CARGO_BIN_EXE_experiments"))
-        .args([
-            "sweep",
-            "--quick",
-            "--jobs",
-            "1",
-            "--out",
-            out.to_str().unwrap(),
-        ])
+        .args(args)
         .env_remove("RUST_BACKTRACE")
         .env("NORMBENCH_PANIC_IN_RUN", "gn:groups=8,2,0")
         .output()
@@ -548,14 +549,7 @@ fn a_panicking_run_stops_the_sweep_cleanly() {
     let failure = manifest["failure"].as_str().unwrap_or_default();
     assert!(failure.contains("panicked"), "{manifest}");
     // Resuming trains only the run that failed.
-    let e = ok(&[
-        "sweep",
-        "--quick",
-        "--jobs",
-        "1",
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    let e = ok(&args);
     assert!(e.contains("3 already finished, 1 to run"), "{e}");
     let manifest: serde_json::Value = serde_json::from_str(&read(&out, "manifest.json")).unwrap();
     assert!(manifest["failure"].is_null(), "{manifest}");
@@ -607,6 +601,32 @@ fn one_writer_per_folder_and_kill_9_leaves_no_stale_lock() {
     // The lock died with its holder: the folder can be taken again at once.
     let e = String::from_utf8_lossy(&experiments(&["report", o]).stderr).to_string();
     assert!(!e.contains("in use"), "{e}");
+}
+
+#[test]
+fn bench_train_breaks_a_step_down() {
+    let table = printed(&[
+        "bench-train",
+        "--norms",
+        "gn:groups=8",
+        "--batch-sizes",
+        "4,2",
+        "--min-time",
+        "0",
+    ]);
+    assert!(
+        table.contains("| norm | B | step (ms/image) | convolutions | normalizers | rest |"),
+        "{table}"
+    );
+    for b in [4, 2] {
+        let row = table
+            .lines()
+            .find(|l| l.starts_with(&format!("| gn:groups=8 | {b} |")))
+            .unwrap_or_else(|| panic!("no row for B={b} in\n{table}"));
+        assert_eq!(row.matches('%').count(), 3, "{row}");
+    }
+    let e = fails(&["bench-train", "--batch-sizes", "0", "--min-time", "0"]);
+    assert!(e.contains("every batch size must be at least 1"), "{e}");
 }
 
 #[test]

@@ -1,0 +1,227 @@
+//! `bench-train`: where a training step's time goes. For each normalizer and batch size, the
+//! sweep model's whole step (forward, backward, SGD update) per image, and beside it the same
+//! model's parts timed alone at their shapes in the same run: every convolution's
+//! forward+backward, every normalizer's (each less a harness that stands in for the rest of the
+//! network), and the rest (the step less both: activations, residual adds, pooling, the loss,
+//! autograd's bookkeeping, the optimizer).
+
+use crate::bench_conv::{flops, ConvLayer};
+use crate::model::{ConvShape, ModelConfig, ResNet};
+use crate::sweep::parse_norms;
+use crate::timing::{measure, measure_net};
+use crate::train::{optimizer, train_step, TrainConfig};
+use anyhow::{ensure, Result};
+use candle_core::Module;
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::{VarBuilder, VarMap};
+use conv::{Conv2d, Conv2dConfig, ConvImpl};
+
+#[derive(clap::Args, Debug)]
+pub struct BenchArgs {
+    /// Normalizer specs [default: bn,gn:groups=G,ln,in, G the model's groups].
+    #[arg(long)]
+    norms: Option<String>,
+    /// Batch sizes per step.
+    #[arg(long, value_delimiter = ',', default_value = "32,16,8,4,2")]
+    batch_sizes: Vec<usize>,
+    /// The model, as `sweep --model` takes it.
+    #[arg(long, default_value = "resnet")]
+    model: String,
+    /// Side of the (square, 3-channel) images.
+    #[arg(long, default_value_t = 16)]
+    size: usize,
+    /// Threads (rayon's pool and candle's matmul).
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+    /// Minimum measuring time per timed case, in seconds.
+    #[arg(long, default_value_t = 0.3)]
+    min_time: f64,
+}
+
+/// One training step of `model` with normalizer `norm` at batch size `b`, as a closure to time.
+pub fn step_case(
+    model: ModelConfig,
+    norm: &str,
+    b: usize,
+    size: usize,
+    kind: ConvImpl,
+) -> Result<impl FnMut() -> Result<()>> {
+    let varmap = VarMap::new();
+    let net = ResNet::new(model, 3, 10, norm, kind, &varmap, 0)?;
+    let cfg = TrainConfig {
+        model: model.to_string(),
+        epochs: 1,
+        base_lr: 0.1,
+        warmup_epochs: 0.0,
+        momentum: 0.9,
+        weight_decay: 5e-4,
+        large_eval_batch: 250,
+        conv: kind.to_string(),
+    };
+    let mut sgd = optimizer(&varmap, &cfg)?;
+    let x = Tensor::randn(0f32, 1.0, (b, 3, size, size), &Device::Cpu)?;
+    let y = Tensor::from_vec(
+        (0..b as u32).map(|i| i % 10).collect::<Vec<_>>(),
+        b,
+        &Device::Cpu,
+    )?;
+    Ok(move || {
+        train_step(&net, &mut sgd, &x, &y, 0.01)?;
+        Ok(())
+    })
+}
+
+fn conv_layer(c: &ConvShape, first: bool) -> ConvLayer {
+    ConvLayer {
+        name: "",
+        cin: c.cin,
+        cout: c.cout,
+        size: c.side,
+        kernel: c.kernel,
+        stride: c.stride,
+        input_grad: !first,
+    }
+}
+
+/// `(y * r).sum().backward()`: the harness that stands in for the rest of the network.
+fn harness(y: Tensor, r: &Tensor) -> Result<()> {
+    (y * r)?.sum_all()?.backward()?;
+    Ok(())
+}
+
+/// Seconds of a convolution's forward+backward at batch size `b` (the fast one, its input
+/// gradient where the model needs it), less the same harness on a tensor of its output's
+/// shape.
+fn conv_seconds(layer: &ConvLayer, b: usize, min_time: f64) -> Result<f64> {
+    let dev = Device::Cpu;
+    let x = Tensor::randn(0f32, 1.0, (b, layer.cin, layer.size, layer.size), &dev)?;
+    let x = if layer.input_grad {
+        Var::from_tensor(&x)?.as_tensor().clone()
+    } else {
+        x
+    };
+    let k = layer.kernel;
+    let w = Var::randn(0f32, 0.1, (layer.cout, layer.cin, k, k), &dev)?;
+    let cfg = Conv2dConfig {
+        stride: layer.stride,
+        padding: k / 2,
+        dilation: 1,
+    };
+    let conv = Conv2d::new(w.as_tensor().clone(), None, cfg, ConvImpl::Fast);
+    let y0 = Var::from_tensor(&conv.forward(&x)?)?;
+    let r = y0.ones_like()?;
+    let (net, _, _) = measure_net(
+        min_time,
+        || harness(y0.as_tensor().clone(), &r),
+        || harness(conv.forward(&x)?, &r),
+    )?;
+    Ok(net.max(0.0))
+}
+
+/// Seconds of the forward+backward of normalizer `norm` on (b, c, side, side) in training
+/// mode, less the same harness without it.
+fn norm_seconds(norm: &str, b: usize, c: usize, side: usize, min_time: f64) -> Result<f64> {
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+    let layer = normalizers::from_spec(norm, c, vb)?;
+    let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, c, side, side), &Device::Cpu)?)?;
+    let r = Tensor::randn(0f32, 1.0, (b, c, side, side), &Device::Cpu)?;
+    let (net, _, _) = measure_net(
+        min_time,
+        || harness(x.as_tensor().clone(), &r),
+        || harness(layer.forward_t(x.as_tensor(), true)?, &r),
+    )?;
+    Ok(net.max(0.0))
+}
+
+/// Per image, in ms: the step, its convolutions, its normalizers, the rest; and the
+/// convolutions' GFLOP/s.
+struct Row {
+    step: f64,
+    conv: f64,
+    norm: f64,
+    gflops: f64,
+}
+
+fn measure_row(args: &BenchArgs, model: ModelConfig, norm: &str, b: usize) -> Result<Row> {
+    let convs = model.convolutions(3, args.size);
+    let (mut conv, mut norms, mut work) = (0.0, 0.0, 0.0);
+    for (i, c) in convs.iter().enumerate() {
+        let layer = conv_layer(c, i == 0);
+        conv += conv_seconds(&layer, b, args.min_time)?;
+        work += flops(&layer, b) * if layer.input_grad { 3.0 } else { 2.0 };
+        norms += norm_seconds(norm, b, c.cout, c.out_side(), args.min_time)?;
+    }
+    let model_step = step_case(model, norm, b, args.size, ConvImpl::Fast)?;
+    let step = measure(args.min_time, model_step)?.0;
+    let per_image = |s: f64| s * 1e3 / b as f64;
+    Ok(Row {
+        step: per_image(step),
+        conv: per_image(conv),
+        norm: per_image(norms),
+        gflops: work / conv / 1e9,
+    })
+}
+
+pub fn run(args: BenchArgs) -> Result<()> {
+    ensure!(
+        args.threads >= 1,
+        "--threads 0 runs nothing; give at least 1"
+    );
+    ensure!(
+        !args.batch_sizes.is_empty() && !args.batch_sizes.contains(&0),
+        "--batch-sizes {:?}: every batch size must be at least 1 (e.g. --batch-sizes 32,2)",
+        args.batch_sizes
+    );
+    ensure!(
+        args.min_time.is_finite() && args.min_time >= 0.0,
+        "--min-time must be a number of seconds >= 0, got {}",
+        args.min_time
+    );
+    ensure!(
+        (4..=64).contains(&args.size),
+        "--size {} is out of range; use 4 to 64",
+        args.size
+    );
+    let model: ModelConfig = args.model.parse()?;
+    let default_norms = format!("bn,gn:groups={},ln,in", model.groups);
+    let norms = parse_norms(args.norms.as_deref().unwrap_or(&default_norms))?;
+    // candle's matmul reads its thread count from RAYON_NUM_THREADS at every call.
+    std::env::set_var("RAYON_NUM_THREADS", args.threads.to_string());
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(args.threads)
+        .build()?;
+    pool.install(|| -> Result<()> {
+        println!("## Training step of {model} on {0}×{0} images: where the time goes\n", args.size);
+        println!(
+            "f32, {} thread(s). Per image: the whole step (forward, backward, SGD) timed as the \
+             sweep runs it, and its convolutions and normalizers each timed alone at their \
+             shapes (forward+backward; normalizers less the same harness without them); the \
+             rest is the step less both. B cost: this batch size's step per image over the \
+             largest batch size's.\n",
+            args.threads
+        );
+        println!("| norm | B | step (ms/image) | convolutions | normalizers | rest | conv GFLOP/s | B cost |");
+        println!("|---|---:|---:|---:|---:|---:|---:|---:|");
+        for norm in &norms {
+            let mut largest: Option<f64> = None;
+            for &b in &args.batch_sizes {
+                let r = measure_row(&args, model, norm, b)?;
+                let base = *largest.get_or_insert(r.step);
+                println!(
+                    "| {norm} | {b} | {:.3} | {:.3} ({:.0}%) | {:.3} ({:.0}%) | {:.3} ({:.0}%) | {:.1} | {:.2}× |",
+                    r.step,
+                    r.conv,
+                    100.0 * r.conv / r.step,
+                    r.norm,
+                    100.0 * r.norm / r.step,
+                    r.step - r.conv - r.norm,
+                    100.0 * (r.step - r.conv - r.norm) / r.step,
+                    r.gflops,
+                    r.step / base
+                );
+            }
+        }
+        Ok(())
+    })
+}
