@@ -196,7 +196,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         println!(
             "f32, {} thread(s). Per image: the whole step (forward, backward, SGD) timed as the \
              sweep runs it, and its convolutions and normalizers each timed alone at their \
-             shapes (forward+backward; normalizers less the same harness without them); the \
+             shapes (forward+backward, each less a harness on a tensor of its output's shape); the \
              rest is the step less both. B cost: this batch size's step per image over the \
              largest batch size's.\n",
             args.threads
