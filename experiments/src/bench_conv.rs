@@ -1,12 +1,12 @@
 //! `bench-conv`: the fast convolution against candle's `conv2d` on the default model's layers,
 //! and a whole training step of the model with each, printed as markdown tables.
 
-use crate::bench_train::step_case;
+use crate::bench_cases::{conv_case, flops, step_case, ConvLayer};
 use crate::model::ModelConfig;
 use crate::timing::{measure, measure_pair};
 use anyhow::{ensure, Result};
-use candle_core::{Device, Module, Tensor, Var};
-use conv::{Conv2d, Conv2dConfig, ConvImpl};
+use candle_core::{Device, Tensor};
+use conv::ConvImpl;
 
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
@@ -24,18 +24,6 @@ pub struct BenchArgs {
 /// Median seconds per call of `f` (see [`measure`]).
 fn time(min_time: f64, f: impl FnMut() -> Result<()>) -> Result<f64> {
     Ok(measure(min_time, f)?.0)
-}
-
-/// A convolution to time: its input of `size`×`size`, its kernel and stride.
-pub struct ConvLayer {
-    pub name: &'static str,
-    pub cin: usize,
-    pub cout: usize,
-    pub size: usize,
-    pub kernel: usize,
-    pub stride: usize,
-    /// Whether the layer's input needs a gradient (every layer but the first).
-    pub input_grad: bool,
 }
 
 /// The distinct convolutions of the default model on 16×16 images.
@@ -59,46 +47,6 @@ fn layers(w: usize) -> Vec<ConvLayer> {
         l("stage3 3x3", 4 * w, 4 * w, 4, 3, 1, true),
         l("stage3 1x1 /2", 2 * w, 4 * w, 8, 1, 2, true),
     ]
-}
-
-pub fn conv_case(
-    layer: &ConvLayer,
-    b: usize,
-    kind: ConvImpl,
-    backward: bool,
-) -> Result<impl FnMut() -> Result<()>> {
-    let dev = Device::Cpu;
-    let x = Tensor::randn(0f32, 1.0, (b, layer.cin, layer.size, layer.size), &dev)?;
-    let x = if layer.input_grad {
-        Var::from_tensor(&x)?.as_tensor().clone()
-    } else {
-        x
-    };
-    let w = Var::randn(
-        0f32,
-        0.1,
-        (layer.cout, layer.cin, layer.kernel, layer.kernel),
-        &dev,
-    )?;
-    let cfg = Conv2dConfig {
-        stride: layer.stride,
-        padding: layer.kernel / 2,
-        dilation: 1,
-    };
-    let conv = Conv2d::new(w.as_tensor().clone(), None, cfg, kind);
-    let r = conv.forward(&x)?.ones_like()?;
-    Ok(move || {
-        let y = conv.forward(&x)?;
-        if backward {
-            (y * &r)?.sum_all()?.backward()?;
-        }
-        Ok(())
-    })
-}
-
-pub fn flops(layer: &ConvLayer, b: usize) -> f64 {
-    let out = layer.size.div_ceil(layer.stride);
-    2.0 * (b * layer.cout * out * out * layer.cin * layer.kernel * layer.kernel) as f64
 }
 
 fn matmul_gflops(min_time: f64) -> Result<f64> {

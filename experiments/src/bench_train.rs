@@ -5,11 +5,10 @@
 //! network), and the rest (the step less both: activations, residual adds, pooling, the loss,
 //! autograd's bookkeeping, the optimizer).
 
-use crate::bench_conv::{flops, ConvLayer};
-use crate::model::{ConvShape, ModelConfig, ResNet};
+use crate::bench_cases::{flops, step_case, ConvLayer};
+use crate::model::{ConvShape, ModelConfig};
 use crate::sweep::parse_norms;
 use crate::timing::{measure, measure_net};
-use crate::train::{optimizer, train_step, TrainConfig};
 use anyhow::{ensure, Result};
 use candle_core::Module;
 use candle_core::{DType, Device, Tensor, Var};
@@ -36,39 +35,6 @@ pub struct BenchArgs {
     /// Minimum measuring time per timed case, in seconds.
     #[arg(long, default_value_t = 0.3)]
     min_time: f64,
-}
-
-/// One training step of `model` with normalizer `norm` at batch size `b`, as a closure to time.
-pub fn step_case(
-    model: ModelConfig,
-    norm: &str,
-    b: usize,
-    size: usize,
-    kind: ConvImpl,
-) -> Result<impl FnMut() -> Result<()>> {
-    let varmap = VarMap::new();
-    let net = ResNet::new(model, 3, 10, norm, kind, &varmap, 0)?;
-    let cfg = TrainConfig {
-        model: model.to_string(),
-        epochs: 1,
-        base_lr: 0.1,
-        warmup_epochs: 0.0,
-        momentum: 0.9,
-        weight_decay: 5e-4,
-        large_eval_batch: 250,
-        conv: kind.to_string(),
-    };
-    let mut sgd = optimizer(&varmap, &cfg)?;
-    let x = Tensor::randn(0f32, 1.0, (b, 3, size, size), &Device::Cpu)?;
-    let y = Tensor::from_vec(
-        (0..b as u32).map(|i| i % 10).collect::<Vec<_>>(),
-        b,
-        &Device::Cpu,
-    )?;
-    Ok(move || {
-        train_step(&net, &mut sgd, &x, &y, 0.01)?;
-        Ok(())
-    })
 }
 
 fn conv_layer(c: &ConvShape, first: bool) -> ConvLayer {

@@ -1,6 +1,7 @@
 //! normbench's experiment runner. See `experiments --help`.
 
 mod alloc;
+mod bench_cases;
 mod bench_conv;
 mod bench_norms;
 mod bench_train;

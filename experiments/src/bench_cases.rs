@@ -1,0 +1,94 @@
+//! The timed cases the bench commands share: a convolution's forward (and backward) on one
+//! layer's shapes, and one training step of a model, each as a closure to time.
+
+use crate::model::{ModelConfig, ResNet};
+use crate::train::{optimizer, train_step, TrainConfig};
+use anyhow::Result;
+use candle_core::{Device, Module, Tensor, Var};
+use candle_nn::VarMap;
+use conv::{Conv2d, Conv2dConfig, ConvImpl};
+
+/// A convolution to time: its input of `size`×`size`, its kernel and stride.
+pub struct ConvLayer {
+    pub name: &'static str,
+    pub cin: usize,
+    pub cout: usize,
+    pub size: usize,
+    pub kernel: usize,
+    pub stride: usize,
+    /// Whether the layer's input needs a gradient (every layer but the first).
+    pub input_grad: bool,
+}
+
+pub fn conv_case(
+    layer: &ConvLayer,
+    b: usize,
+    kind: ConvImpl,
+    backward: bool,
+) -> Result<impl FnMut() -> Result<()>> {
+    let dev = Device::Cpu;
+    let x = Tensor::randn(0f32, 1.0, (b, layer.cin, layer.size, layer.size), &dev)?;
+    let x = if layer.input_grad {
+        Var::from_tensor(&x)?.as_tensor().clone()
+    } else {
+        x
+    };
+    let w = Var::randn(
+        0f32,
+        0.1,
+        (layer.cout, layer.cin, layer.kernel, layer.kernel),
+        &dev,
+    )?;
+    let cfg = Conv2dConfig {
+        stride: layer.stride,
+        padding: layer.kernel / 2,
+        dilation: 1,
+    };
+    let conv = Conv2d::new(w.as_tensor().clone(), None, cfg, kind);
+    let r = conv.forward(&x)?.ones_like()?;
+    Ok(move || {
+        let y = conv.forward(&x)?;
+        if backward {
+            (y * &r)?.sum_all()?.backward()?;
+        }
+        Ok(())
+    })
+}
+
+pub fn flops(layer: &ConvLayer, b: usize) -> f64 {
+    let out = layer.size.div_ceil(layer.stride);
+    2.0 * (b * layer.cout * out * out * layer.cin * layer.kernel * layer.kernel) as f64
+}
+
+/// One training step of `model` with normalizer `norm` at batch size `b`, as a closure to time.
+pub fn step_case(
+    model: ModelConfig,
+    norm: &str,
+    b: usize,
+    size: usize,
+    kind: ConvImpl,
+) -> Result<impl FnMut() -> Result<()>> {
+    let varmap = VarMap::new();
+    let net = ResNet::new(model, 3, 10, norm, kind, &varmap, 0)?;
+    let cfg = TrainConfig {
+        model: model.to_string(),
+        epochs: 1,
+        base_lr: 0.1,
+        warmup_epochs: 0.0,
+        momentum: 0.9,
+        weight_decay: 5e-4,
+        large_eval_batch: 250,
+        conv: kind.to_string(),
+    };
+    let mut sgd = optimizer(&varmap, &cfg)?;
+    let x = Tensor::randn(0f32, 1.0, (b, 3, size, size), &Device::Cpu)?;
+    let y = Tensor::from_vec(
+        (0..b as u32).map(|i| i % 10).collect::<Vec<_>>(),
+        b,
+        &Device::Cpu,
+    )?;
+    Ok(move || {
+        train_step(&net, &mut sgd, &x, &y, 0.01)?;
+        Ok(())
+    })
+}
