@@ -3,7 +3,7 @@
 
 use crate::model::{ModelConfig, ResNet};
 use crate::train::{optimizer, train_step, TrainConfig};
-use anyhow::Result;
+use anyhow::{ensure, Result};
 use candle_core::{Device, Module, Tensor, Var};
 use candle_nn::VarMap;
 use conv::{Conv2d, Conv2dConfig, ConvImpl};
@@ -20,12 +20,9 @@ pub struct ConvLayer {
     pub input_grad: bool,
 }
 
-pub fn conv_case(
-    layer: &ConvLayer,
-    b: usize,
-    kind: ConvImpl,
-    backward: bool,
-) -> Result<impl FnMut() -> Result<()>> {
+/// The convolution of `layer` (weights drawn at random) and an input for it at batch size `b`,
+/// tracked for its gradient where the layer's input needs one.
+pub fn conv_inputs(layer: &ConvLayer, b: usize, kind: ConvImpl) -> Result<(Conv2d, Tensor)> {
     let dev = Device::Cpu;
     let x = Tensor::randn(0f32, 1.0, (b, layer.cin, layer.size, layer.size), &dev)?;
     let x = if layer.input_grad {
@@ -33,18 +30,23 @@ pub fn conv_case(
     } else {
         x
     };
-    let w = Var::randn(
-        0f32,
-        0.1,
-        (layer.cout, layer.cin, layer.kernel, layer.kernel),
-        &dev,
-    )?;
+    let k = layer.kernel;
+    let w = Var::randn(0f32, 0.1, (layer.cout, layer.cin, k, k), &dev)?;
     let cfg = Conv2dConfig {
         stride: layer.stride,
-        padding: layer.kernel / 2,
+        padding: k / 2,
         dilation: 1,
     };
-    let conv = Conv2d::new(w.as_tensor().clone(), None, cfg, kind);
+    Ok((Conv2d::new(w.as_tensor().clone(), None, cfg, kind), x))
+}
+
+pub fn conv_case(
+    layer: &ConvLayer,
+    b: usize,
+    kind: ConvImpl,
+    backward: bool,
+) -> Result<impl FnMut() -> Result<()>> {
+    let (conv, x) = conv_inputs(layer, b, kind)?;
     let r = conv.forward(&x)?.ones_like()?;
     Ok(move || {
         let y = conv.forward(&x)?;
@@ -91,4 +93,28 @@ pub fn step_case(
         train_step(&net, &mut sgd, &x, &y, 0.01)?;
         Ok(())
     })
+}
+
+/// Refuses the options the bench commands share where they would run nothing or panic.
+pub fn check_args(threads: usize, batch_sizes: &[usize], min_time: f64) -> Result<()> {
+    ensure!(threads >= 1, "--threads 0 runs nothing; give at least 1");
+    ensure!(
+        !batch_sizes.is_empty() && !batch_sizes.contains(&0),
+        "--batch-sizes {batch_sizes:?}: every batch size must be at least 1 (e.g. --batch-sizes 32,2)"
+    );
+    ensure!(
+        min_time.is_finite() && min_time >= 0.0,
+        "--min-time must be a number of seconds >= 0, got {min_time}"
+    );
+    Ok(())
+}
+
+/// Runs `f` on a rayon pool of `threads` threads, with candle's matmul split as many ways (it
+/// reads RAYON_NUM_THREADS at every call).
+pub fn on_threads(threads: usize, f: impl FnOnce() -> Result<()> + Send) -> Result<()> {
+    std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()?
+        .install(f)
 }

@@ -1,10 +1,10 @@
 //! `bench-conv`: the fast convolution against candle's `conv2d` on the default model's layers,
 //! and a whole training step of the model with each, printed as markdown tables.
 
-use crate::bench_cases::{conv_case, flops, step_case, ConvLayer};
+use crate::bench_cases::{check_args, conv_case, flops, on_threads, step_case, ConvLayer};
 use crate::model::ModelConfig;
 use crate::timing::{measure, measure_pair};
-use anyhow::{ensure, Result};
+use anyhow::Result;
 use candle_core::{Device, Tensor};
 use conv::ConvImpl;
 
@@ -61,26 +61,8 @@ fn matmul_gflops(min_time: f64) -> Result<f64> {
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
-    ensure!(
-        args.threads >= 1,
-        "--threads 0 runs nothing; give at least 1"
-    );
-    ensure!(
-        !args.batch_sizes.is_empty() && !args.batch_sizes.contains(&0),
-        "--batch-sizes {:?}: every batch size must be at least 1 (e.g. --batch-sizes 32,2)",
-        args.batch_sizes
-    );
-    ensure!(
-        args.min_time.is_finite() && args.min_time >= 0.0,
-        "--min-time must be a number of seconds >= 0, got {}",
-        args.min_time
-    );
-    // candle's matmul reads its thread count from RAYON_NUM_THREADS at every call.
-    std::env::set_var("RAYON_NUM_THREADS", args.threads.to_string());
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(args.threads)
-        .build()?;
-    pool.install(|| -> Result<()> {
+    check_args(args.threads, &args.batch_sizes, args.min_time)?;
+    on_threads(args.threads, || {
         let peak = matmul_gflops(args.min_time)?;
         println!("## Convolution: fast (im2col + matmul, own backward) vs candle's conv2d\n");
         println!(

@@ -5,15 +5,14 @@
 //! network), and the rest (the step less both: activations, residual adds, pooling, the loss,
 //! autograd's bookkeeping, the optimizer).
 
-use crate::bench_cases::{flops, step_case, ConvLayer};
+use crate::bench_cases::{check_args, conv_inputs, flops, on_threads, step_case, ConvLayer};
 use crate::model::{ConvShape, ModelConfig};
 use crate::sweep::parse_norms;
 use crate::timing::{measure, measure_net};
 use anyhow::{ensure, Result};
-use candle_core::Module;
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Device, Module, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
-use conv::{Conv2d, Conv2dConfig, ConvImpl};
+use conv::ConvImpl;
 
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
@@ -59,21 +58,7 @@ fn harness(y: Tensor, r: &Tensor) -> Result<()> {
 /// gradient where the model needs it), less the same harness on a tensor of its output's
 /// shape.
 fn conv_seconds(layer: &ConvLayer, b: usize, min_time: f64) -> Result<f64> {
-    let dev = Device::Cpu;
-    let x = Tensor::randn(0f32, 1.0, (b, layer.cin, layer.size, layer.size), &dev)?;
-    let x = if layer.input_grad {
-        Var::from_tensor(&x)?.as_tensor().clone()
-    } else {
-        x
-    };
-    let k = layer.kernel;
-    let w = Var::randn(0f32, 0.1, (layer.cout, layer.cin, k, k), &dev)?;
-    let cfg = Conv2dConfig {
-        stride: layer.stride,
-        padding: k / 2,
-        dilation: 1,
-    };
-    let conv = Conv2d::new(w.as_tensor().clone(), None, cfg, ConvImpl::Fast);
+    let (conv, x) = conv_inputs(layer, b, ConvImpl::Fast)?;
     let y0 = Var::from_tensor(&conv.forward(&x)?)?;
     let r = y0.ones_like()?;
     let (net, _, _) = measure_net(
@@ -130,20 +115,7 @@ fn measure_row(args: &BenchArgs, model: ModelConfig, norm: &str, b: usize) -> Re
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
-    ensure!(
-        args.threads >= 1,
-        "--threads 0 runs nothing; give at least 1"
-    );
-    ensure!(
-        !args.batch_sizes.is_empty() && !args.batch_sizes.contains(&0),
-        "--batch-sizes {:?}: every batch size must be at least 1 (e.g. --batch-sizes 32,2)",
-        args.batch_sizes
-    );
-    ensure!(
-        args.min_time.is_finite() && args.min_time >= 0.0,
-        "--min-time must be a number of seconds >= 0, got {}",
-        args.min_time
-    );
+    check_args(args.threads, &args.batch_sizes, args.min_time)?;
     ensure!(
         (4..=64).contains(&args.size),
         "--size {} is out of range; use 4 to 64",
@@ -152,13 +124,11 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let model: ModelConfig = args.model.parse()?;
     let default_norms = format!("bn,gn:groups={},ln,in", model.groups);
     let norms = parse_norms(args.norms.as_deref().unwrap_or(&default_norms))?;
-    // candle's matmul reads its thread count from RAYON_NUM_THREADS at every call.
-    std::env::set_var("RAYON_NUM_THREADS", args.threads.to_string());
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(args.threads)
-        .build()?;
-    pool.install(|| -> Result<()> {
-        println!("## Training step of {model} on {0}×{0} images: where the time goes\n", args.size);
+    on_threads(args.threads, || {
+        println!(
+            "## Training step of {model} on {0}×{0} images: where the time goes\n",
+            args.size
+        );
         println!(
             "f32, {} thread(s). Per image: the whole step (forward, backward, SGD) timed as the \
              sweep runs it, and its convolutions and normalizers each timed alone at their \

@@ -531,7 +531,6 @@ pub fn run(
     retry_diverged: bool,
 ) -> Result<()> {
     plan.validate(&ds)?;
-    ensure!(jobs >= 1, "--jobs 0 runs nothing; give at least 1");
     let _lock = results::lock_folder(out)?;
     check_settings(out, plan)?;
     let todo = pending(plan, out, retry_diverged)?;
