@@ -1,5 +1,6 @@
-//! Exact normalization layers for candle: BatchNorm, GroupNorm, LayerNorm and InstanceNorm behind
-//! one [`Normalizer`] trait, built by name with [`from_spec`].
+//! Exact normalization layers for candle: BatchNorm, GroupNorm, LayerNorm and InstanceNorm (and
+//! `none`, the identity baseline) behind one [`Normalizer`] trait, built by name with
+//! [`from_spec`].
 //!
 //! Conventions are PyTorch's (and the GroupNorm paper's): normalize with the *biased* variance,
 //! store the *unbiased* one in `running_var`, `momentum` is the weight of the new batch, and the
@@ -27,6 +28,7 @@ pub struct ReadmeDoctests;
 mod batch_norm;
 mod forward;
 mod group_norm;
+mod identity;
 mod input;
 mod instance_norm;
 pub mod kernels;
@@ -37,11 +39,12 @@ pub mod spec;
 
 pub use batch_norm::BatchNorm;
 pub use group_norm::GroupNorm;
+pub use identity::Identity;
 pub use instance_norm::InstanceNorm;
 pub use layer_norm::LayerNorm;
 pub use spec::{
-    BatchNormConfig, Common, GroupNormConfig, Impl, InstanceNormConfig, LayerNormConfig, Momentum,
-    NormSpec,
+    BatchNormConfig, Common, GroupNormConfig, IdentityConfig, Impl, InstanceNormConfig,
+    LayerNormConfig, Momentum, NormSpec,
 };
 
 use candle_core::{bail, Result, Tensor};
@@ -90,5 +93,6 @@ pub fn build(spec: &NormSpec, num_channels: usize, vb: VarBuilder) -> Result<Box
         NormSpec::Group(cfg) => Box::new(GroupNorm::new(*cfg, num_channels, vb)?),
         NormSpec::Layer(cfg) => Box::new(LayerNorm::new(*cfg, num_channels, vb)?),
         NormSpec::Instance(cfg) => Box::new(InstanceNorm::new(*cfg, num_channels, vb)?),
+        NormSpec::Identity(cfg) => Box::new(Identity::new(*cfg, num_channels)),
     })
 }

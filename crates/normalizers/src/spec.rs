@@ -1,7 +1,7 @@
 //! Spec strings: the one name a normalizer has in configs, on command lines, in CSVs and plots.
 //!
 //! Grammar: `NAME` or `NAME:key=value,key=value`. Names are case-insensitive: `bn` (`batch`),
-//! `gn` (`group`), `ln` (`layer`), `in` (`instance`). [`NormSpec`]'s `Display` is the canonical
+//! `gn` (`group`), `ln` (`layer`), `in` (`instance`), `none` (`identity`). [`NormSpec`]'s `Display` is the canonical
 //! form: the short name followed by the options that differ from their defaults, in a fixed order,
 //! so that `spec.to_string().parse::<NormSpec>() == Ok(spec)`.
 
@@ -122,6 +122,24 @@ impl Default for InstanceNormConfig {
     }
 }
 
+/// `none`'s options: `eps` and `impl` are accepted, as every normalizer takes them, and change
+/// nothing; it has no weight or bias (`affine` is false).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct IdentityConfig {
+    pub common: Common,
+}
+
+impl Default for IdentityConfig {
+    fn default() -> Self {
+        Self {
+            common: Common {
+                affine: false,
+                ..Common::default()
+            },
+        }
+    }
+}
+
 /// A parsed spec string: one normalizer's config. Build one with [`str::parse`], print it with
 /// `Display`.
 #[derive(Debug, Clone, PartialEq)]
@@ -130,18 +148,19 @@ pub enum NormSpec {
     Group(GroupNormConfig),
     Layer(LayerNormConfig),
     Instance(InstanceNormConfig),
+    Identity(IdentityConfig),
 }
 
 pub const DEFAULT_EPS: f64 = 1e-5;
 pub const DEFAULT_MOMENTUM: Momentum = Momentum::Exponential(0.1);
 pub const DEFAULT_GROUPS: usize = 32;
 
-const NAMES: &str = "bn (batch), gn (group), ln (layer), in (instance)";
+const NAMES: &str = "bn (batch), gn (group), ln (layer), in (instance), none (identity)";
 
 /// Each normalizer's short name, long alias and options, in canonical order: what parsing
 /// accepts, what `Display` prints (where an option differs from its default) and what error
 /// messages list.
-const KEYS: [(&str, &str, &[&str]); 4] = [
+const KEYS: [(&str, &str, &[&str]); 5] = [
     (
         "bn",
         "batch",
@@ -154,6 +173,7 @@ const KEYS: [(&str, &str, &[&str]); 4] = [
         "instance",
         &["eps", "affine", "track_running_stats", "momentum", "impl"],
     ),
+    ("none", "identity", &["eps", "impl"]),
 ];
 
 impl NormSpec {
@@ -184,17 +204,19 @@ impl NormSpec {
             "bn" => NormSpec::batch(),
             "gn" => NormSpec::group(DEFAULT_GROUPS),
             "ln" => NormSpec::layer(),
-            _ => NormSpec::instance(),
+            "in" => NormSpec::instance(),
+            _ => NormSpec::Identity(IdentityConfig::default()),
         })
     }
 
-    /// The canonical short name: `bn`, `gn`, `ln` or `in`.
+    /// The canonical short name: `bn`, `gn`, `ln`, `in` or `none`.
     pub fn name(&self) -> &'static str {
         match self {
             NormSpec::Batch(_) => "bn",
             NormSpec::Group(_) => "gn",
             NormSpec::Layer(_) => "ln",
             NormSpec::Instance(_) => "in",
+            NormSpec::Identity(_) => "none",
         }
     }
 
@@ -211,6 +233,7 @@ impl NormSpec {
             NormSpec::Group(c) => &c.common,
             NormSpec::Layer(c) => &c.common,
             NormSpec::Instance(c) => &c.common,
+            NormSpec::Identity(c) => &c.common,
         }
     }
 
@@ -220,6 +243,7 @@ impl NormSpec {
             NormSpec::Group(c) => &mut c.common,
             NormSpec::Layer(c) => &mut c.common,
             NormSpec::Instance(c) => &mut c.common,
+            NormSpec::Identity(c) => &mut c.common,
         }
     }
 
