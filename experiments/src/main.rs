@@ -5,16 +5,21 @@ mod bench_cases;
 mod bench_conv;
 mod bench_norms;
 mod bench_train;
+mod curves;
 mod data;
 mod model;
 mod optim;
 mod options;
 mod plot;
+mod plot_vary;
 mod report;
+mod report_vary;
 mod results;
+mod summary;
 mod sweep;
 mod timing;
 mod train;
+mod vary;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
@@ -57,7 +62,17 @@ enum Command {
     Report {
         /// The sweep folder.
         dir: PathBuf,
+        /// The test error (%) of the convergence table [default: the worst cell's final mean
+        /// error, rounded up].
+        #[arg(long)]
+        target_error: Option<f64>,
     },
+    /// Draw training loss and test error per epoch from a sweep's epochs.csv, a line per
+    /// normalizer, at one batch size (and the varied settings that --where leaves).
+    #[command(
+        after_help = "Example:\n  experiments curves results/claims/learning-rate --where base-lr=0.1"
+    )]
+    Curves(curves::CurvesArgs),
     /// Time the fast convolution against candle's conv2d on the model's layers.
     BenchConv(bench_conv::BenchArgs),
     /// Time the fused normalizers against their reference twins and candle-nn's layers.
@@ -72,6 +87,7 @@ const SWEEP_EXAMPLES: &str = "Examples:
   experiments sweep --quick                           # a smoke test, under a minute
   experiments sweep --norms bn,gn:groups=4 --seeds 0 --batch-sizes 32,2
   experiments sweep --dataset mnist:data/mnist --epochs 3
+  experiments sweep --norms none,bn,gn,ln --batch-sizes 32 --vary base-lr=0.1,0.4,1.6
   experiments sweep --shard 2/4 --out results/big/shard-2   # one of four machines";
 
 #[derive(Args, Debug)]
@@ -92,7 +108,7 @@ struct SweepArgs {
     #[arg(long, default_value_t = 0.1)]
     base_lr: f64,
     /// Linear warm-up, in epochs, before the cosine decay (at most --epochs) [default: 3, or
-    /// --epochs if fewer].
+    /// --epochs if fewer (the fewest of --vary epochs)].
     #[arg(long)]
     warmup_epochs: Option<f64>,
     /// Weight decay on convolution and classifier weights (never on normalizers).
@@ -123,6 +139,10 @@ struct SweepArgs {
     /// Print a line per epoch.
     #[arg(long)]
     verbose: bool,
+    /// Add a setting as an axis of the grid: KEY=V1,V2,... (repeatable); KEY is one of base-lr,
+    /// weight-decay, epochs, warmup-epochs, dropout, init-gain, momentum.
+    #[arg(long, value_name = "KEY=V1,V2,...")]
+    vary: Vec<String>,
     /// Train again the runs that diverged in an earlier attempt (kept as results otherwise).
     #[arg(long)]
     retry_diverged: bool,
@@ -154,6 +174,18 @@ fn sweep(args: SweepArgs) -> Result<()> {
         format!("bn,gn:groups={},ln,in", model.groups)
     };
     let epochs = args.epochs.unwrap_or(if q { 1 } else { 6 });
+    let vary = vary::parse(&args.vary)?;
+    // The default warm-up fits the shortest run, whichever sets the epochs.
+    let fewest_epochs = vary
+        .iter()
+        .find(|a| a.key == "epochs")
+        .and_then(|a| {
+            a.values
+                .iter()
+                .filter_map(|v| v.parse::<usize>().ok())
+                .min()
+        })
+        .unwrap_or(epochs);
     let plan = sweep::Plan {
         norms: sweep::parse_norms(args.norms.as_deref().unwrap_or(&default_norms))?,
         batch_sizes: args.batch_sizes.unwrap_or_else(|| {
@@ -171,12 +203,13 @@ fn sweep(args: SweepArgs) -> Result<()> {
             model: model.to_string(),
             epochs,
             base_lr: args.base_lr,
-            warmup_epochs: args.warmup_epochs.unwrap_or(3f64.min(epochs as f64)),
+            warmup_epochs: args.warmup_epochs.unwrap_or(3f64.min(fewest_epochs as f64)),
             momentum: 0.9,
             weight_decay: args.weight_decay,
             large_eval_batch: 250,
             conv: args.conv.parse::<conv::ConvImpl>()?.to_string(),
         },
+        vary,
         shard: args.shard.as_deref().map(sweep::parse_shard).transpose()?,
     };
     let out = args.out.unwrap_or_else(|| {
@@ -223,15 +256,23 @@ fn main() -> Result<()> {
     match Cli::parse().command {
         Command::Sweep(args) => sweep(args),
         Command::Merge { out, shards } => sweep::merge(&out, &shards),
-        Command::Report { dir } => {
+        Command::Report { dir, target_error } => {
             anyhow::ensure!(
                 dir.is_dir(),
                 "{} is not a folder; give a sweep folder (experiments report results/reference)",
                 dir.display()
             );
+            if let Some(t) = target_error {
+                anyhow::ensure!(
+                    (0.0..=100.0).contains(&t),
+                    "--target-error {t} is not a percentage; give a test error in [0, 100]"
+                );
+            }
             let _lock = results::lock_folder(&dir)?;
-            report::report(&dir).map(|_| eprintln!("wrote the reports of {}", dir.display()))
+            report::report(&dir, target_error)
+                .map(|_| eprintln!("wrote the reports of {}", dir.display()))
         }
+        Command::Curves(args) => curves::run(args),
         Command::BenchConv(args) => bench_conv::run(args),
         Command::BenchNorms(args) => bench_norms::run(args),
         Command::BenchTrain(args) => bench_train::run(args),

@@ -9,15 +9,18 @@ use candle_core::{DType, Device, Module, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use conv::{conv2d_no_bias, Conv2d, Conv2dConfig, ConvImpl};
 use normalizers::Normalizer;
-use rand::SeedableRng;
+use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal, Uniform};
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Mutex;
 
-/// `resnet:width=W,blocks=B,groups=G,stem=S`: stage widths W, 2W, 4W with B blocks each; G is
-/// the group count the sweep gives GroupNorm by default (it must divide W); S the stem's stride.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// `resnet:width=W,blocks=B,groups=G,stem=S,dropout=P,init-gain=K`: stage widths W, 2W, 4W with
+/// B blocks each; G is the group count the sweep gives GroupNorm by default (it must divide W); S
+/// the stem's stride; P the dropout probability before the classifier; K a multiplier on the
+/// initial convolution and classifier weights.
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ModelConfig {
     pub width: usize,
     pub blocks: usize,
@@ -25,6 +28,10 @@ pub struct ModelConfig {
     /// The stem convolution's stride: 2 halves the resolution before the first stage, as
     /// ResNet-50's stem quarters it.
     pub stem: usize,
+    /// Probability of zeroing each pooled feature in training (inverted dropout), 0 ≤ p < 1.
+    pub dropout: f64,
+    /// Multiplies the initial convolution weights and classifier weight (> 0).
+    pub init_gain: f64,
 }
 
 impl Default for ModelConfig {
@@ -34,7 +41,58 @@ impl Default for ModelConfig {
             blocks: 1,
             groups: 8,
             stem: 1,
+            dropout: 0.0,
+            init_gain: 1.0,
         }
+    }
+}
+
+const MODEL_KEYS: &str = "width, blocks, groups, stem, dropout, init-gain";
+
+/// A `--model` option's value as a number in `range`; names the key and the range otherwise.
+fn model_number(
+    key: &str,
+    text: &str,
+    range: impl std::ops::RangeBounds<f64>,
+    says: &str,
+) -> Result<f64> {
+    let v: f64 = text
+        .parse()
+        .with_context(|| format!("--model option {key}={text:?} is not a number"))?;
+    ensure!(
+        v.is_finite() && range.contains(&v),
+        "--model option {key}={text} is out of range; {key} must be {says}"
+    );
+    Ok(v)
+}
+
+impl ModelConfig {
+    /// Sets option `key` from `text`.
+    pub fn set(&mut self, key: &str, text: &str) -> Result<()> {
+        let whole = || -> Result<usize> {
+            match text.parse::<usize>() {
+                Ok(n) if n > 0 => Ok(n),
+                _ => bail!("--model option {key}={text} is not a positive whole number"),
+            }
+        };
+        match key {
+            "width" => self.width = whole()?,
+            "blocks" => self.blocks = whole()?,
+            "groups" => self.groups = whole()?,
+            "stem" => {
+                self.stem = whole()?;
+                ensure!(
+                    self.stem <= 2,
+                    "--model option stem={text}: the stem's stride must be 1 or 2"
+                );
+            }
+            "dropout" => self.dropout = model_number(key, text, 0.0..1.0, "in [0, 1)")?,
+            "init-gain" => {
+                self.init_gain = model_number(key, text, f64::MIN_POSITIVE.., "a number > 0")?
+            }
+            _ => bail!("unknown --model option {key:?}; resnet takes {MODEL_KEYS}"),
+        }
+        Ok(())
     }
 }
 
@@ -45,25 +103,12 @@ impl FromStr for ModelConfig {
         let (name, opts) = s.split_once(':').unwrap_or((s, ""));
         ensure!(
             name == "resnet",
-            "unknown model {name:?}; expected resnet[:width=W,blocks=B,groups=G,stem=S]"
+            "unknown model {name:?}; expected resnet[:width=W,blocks=B,groups=G,stem=S,dropout=P,\
+             init-gain=K]"
         );
         let mut cfg = ModelConfig::default();
-        for (k, n) in crate::options::whole_number_options(opts, "--model", s)? {
-            ensure!(
-                n > 0,
-                "--model option {k}={n} is not a positive whole number"
-            );
-            let n = n as usize;
-            match k {
-                "width" => cfg.width = n,
-                "blocks" => cfg.blocks = n,
-                "groups" => cfg.groups = n,
-                "stem" if n <= 2 => cfg.stem = n,
-                "stem" => bail!("--model option stem={n}: the stem's stride must be 1 or 2"),
-                _ => {
-                    bail!("unknown --model option {k:?}; resnet takes width, blocks, groups, stem")
-                }
-            }
+        for (k, v) in crate::options::key_values(opts, "--model", s)? {
+            cfg.set(k, v)?;
         }
         ensure!(
             cfg.width % cfg.groups == 0,
@@ -82,9 +127,15 @@ impl fmt::Display for ModelConfig {
             "resnet:width={},blocks={},groups={}",
             self.width, self.blocks, self.groups
         )?;
-        // Only where it differs, so that older sweep ids still resume.
+        // Only where they differ, so that older sweep ids still resume.
         if self.stem != 1 {
             write!(f, ",stem={}", self.stem)?;
+        }
+        if self.dropout != 0.0 {
+            write!(f, ",dropout={}", self.dropout)?;
+        }
+        if self.init_gain != 1.0 {
+            write!(f, ",init-gain={}", self.init_gain)?;
         }
         Ok(())
     }
@@ -254,6 +305,9 @@ pub struct ResNet {
     blocks: Vec<Block>,
     fc_weight: Tensor,
     fc_bias: Tensor,
+    dropout: f64,
+    /// Draws the dropout masks, seeded from the run's seed (candle's CPU RNG cannot be seeded).
+    dropout_rng: Mutex<ChaCha8Rng>,
 }
 
 impl ResNet {
@@ -300,8 +354,10 @@ impl ResNet {
             blocks,
             fc_weight: fc.get((classes, cin), "weight")?,
             fc_bias: fc.get(classes, "bias")?,
+            dropout: cfg.dropout,
+            dropout_rng: Mutex::new(ChaCha8Rng::seed_from_u64(seed ^ 0xd60f_0a7e)),
         };
-        initialize(varmap, seed)?;
+        initialize(varmap, seed, cfg.init_gain)?;
         Ok(model)
     }
 
@@ -311,15 +367,42 @@ impl ResNet {
         for block in &self.blocks {
             y = block.forward(&y, mode)?;
         }
-        let pooled = y.mean((2, 3))?;
+        let mut pooled = y.mean((2, 3))?;
+        if mode == Mode::Train && self.dropout > 0.0 {
+            pooled = self.drop(&pooled)?;
+        }
         Ok(pooled
             .matmul(&self.fc_weight.t()?)?
             .broadcast_add(&self.fc_bias)?)
     }
 }
 
-/// Draws every variable's initial value from `seed`, in the sorted order of the names.
-fn initialize(varmap: &VarMap, seed: u64) -> Result<()> {
+impl ResNet {
+    /// Inverted dropout: each value kept with probability 1 − p and scaled by 1/(1 − p).
+    fn drop(&self, x: &Tensor) -> Result<Tensor> {
+        let p = self.dropout;
+        let keep = 1.0 / (1.0 - p);
+        let mut rng = self
+            .dropout_rng
+            .lock()
+            .map_err(|_| anyhow::anyhow!("poisoned dropout RNG"))?;
+        let mask: Vec<f32> = (0..x.elem_count())
+            .map(|_| {
+                if rng.random::<f64>() < p {
+                    0.0
+                } else {
+                    keep as f32
+                }
+            })
+            .collect();
+        Ok(x.mul(&Tensor::from_vec(mask, x.dims(), x.device())?)?)
+    }
+}
+
+/// Draws every variable's initial value from `seed`, in the sorted order of the names; the
+/// convolution and classifier weights are multiplied by `gain`.
+fn initialize(varmap: &VarMap, seed: u64, gain: f64) -> Result<()> {
+    let gain = gain as f32;
     let data = varmap
         .data()
         .lock()
@@ -334,12 +417,13 @@ fn initialize(varmap: &VarMap, seed: u64) -> Result<()> {
         let values: Vec<f32> = if name.ends_with("conv.weight") {
             let fan_out = (dims[0] * dims[2] * dims[3]) as f32;
             let normal = Normal::new(0.0, (2.0 / fan_out).sqrt())?;
-            (0..n).map(|_| normal.sample(&mut rng)).collect()
+            (0..n).map(|_| normal.sample(&mut rng) * gain).collect()
         } else if name.starts_with("fc.") {
             let fan_in = *data["fc.weight"].dims().last().unwrap_or(&1) as f32;
             let bound = 1.0 / fan_in.sqrt();
             let uniform = Uniform::new(-bound, bound)?;
-            (0..n).map(|_| uniform.sample(&mut rng)).collect()
+            let g = if name == "fc.weight" { gain } else { 1.0 };
+            (0..n).map(|_| uniform.sample(&mut rng) * g).collect()
         } else if name.ends_with("second.norm.weight") {
             vec![0.0; n]
         } else {
@@ -377,9 +461,8 @@ mod tests {
             cfg,
             ModelConfig {
                 width: 8,
-                blocks: 1,
                 groups: 4,
-                stem: 1,
+                ..Default::default()
             }
         );
         assert_eq!(cfg.to_string().parse::<ModelConfig>().unwrap(), cfg);
@@ -396,10 +479,65 @@ mod tests {
             ("resnet:width=12,groups=8", "must divide"),
             ("resnet:depth=3", "unknown --model option"),
             ("resnet:stem=3", "must be 1 or 2"),
+            ("resnet:dropout=1", "dropout must be in [0, 1)"),
+            ("resnet:init-gain=0", "init-gain must be a number > 0"),
+            ("resnet:dropout=x", "is not a number"),
         ] {
             let e = bad.parse::<ModelConfig>().unwrap_err().to_string();
             assert!(e.contains(msg), "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn init_gain_scales_the_initial_weights_and_dropout_is_seeded_and_train_only() {
+        let build = |spec: &str| {
+            let varmap = VarMap::new();
+            let cfg: ModelConfig = spec.parse().unwrap();
+            let model = ResNet::new(cfg, 3, 10, "gn:groups=8", ConvImpl::Fast, &varmap, 7).unwrap();
+            (model, varmap)
+        };
+        let value = |vm: &VarMap, name: &str| -> Vec<f32> {
+            vm.data().lock().unwrap()[name]
+                .as_tensor()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap()
+        };
+        let ((_, one), (_, four)) = (build("resnet"), build("resnet:init-gain=4"));
+        for name in ["stem.conv.weight", "fc.weight"] {
+            let (a, b) = (value(&one, name), value(&four, name));
+            assert!(a.iter().zip(&b).all(|(x, y)| *y == 4.0 * x), "{name}");
+        }
+        assert_eq!(
+            value(&one, "fc.bias"),
+            value(&four, "fc.bias"),
+            "biases keep their draw"
+        );
+
+        let x = Tensor::randn(0f32, 1.0, (4, 3, 8, 8), &Device::Cpu).unwrap();
+        let logits = |m: &ResNet, mode| {
+            m.forward(&x, mode)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        };
+        let ((plain, _), (a, _), (b, _)) = (
+            build("resnet"),
+            build("resnet:dropout=0.5"),
+            build("resnet:dropout=0.5"),
+        );
+        assert_eq!(
+            logits(&a, Mode::Eval),
+            logits(&plain, Mode::Eval),
+            "no dropout in evaluation"
+        );
+        let (ta, tb) = (logits(&a, Mode::Train), logits(&b, Mode::Train));
+        assert_eq!(ta, tb, "the same seed draws the same masks");
+        assert_ne!(ta, logits(&plain, Mode::Train));
+        assert_ne!(logits(&a, Mode::Train), ta, "a new mask at each step");
     }
 
     #[test]

@@ -14,23 +14,6 @@ pub fn key_values<'a>(opts: &'a str, flag: &str, whole: &str) -> Result<Vec<(&'a
         .collect()
 }
 
-/// The options of `key_values`, each value a whole number.
-pub fn whole_number_options<'a>(
-    opts: &'a str,
-    flag: &str,
-    whole: &str,
-) -> Result<Vec<(&'a str, u64)>> {
-    key_values(opts, flag, whole)?
-        .into_iter()
-        .map(|(k, v)| {
-            let n = v
-                .parse()
-                .with_context(|| format!("{flag} option {k}={v:?} is not a whole number"))?;
-            Ok((k, n))
-        })
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -46,9 +29,5 @@ mod tests {
             e.contains("malformed option \"a\"") && e.contains("key=value"),
             "{e}"
         );
-        let e = whole_number_options("a=x", "--model", "m:a=x")
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("a=\"x\" is not a whole number"), "{e}");
     }
 }

@@ -2,7 +2,7 @@
 //! scale, largest on the left), a line per normalizer with error bars over seeds. Written as SVG
 //! and PNG with an embedded font (DejaVu Sans), so no system fonts are needed.
 
-use crate::results::{SummaryRow, FIGURE_PNG, FIGURE_SVG};
+use crate::results::{SummaryRow, FIGURE};
 use anyhow::{anyhow, Result};
 use plotters::coord::Shift;
 use plotters::prelude::*;
@@ -10,7 +10,7 @@ use plotters::style::{register_font, FontStyle};
 use std::path::Path;
 use std::sync::Once;
 
-const COLORS: [RGBColor; 8] = [
+pub const COLORS: [RGBColor; 8] = [
     RGBColor(31, 119, 180),
     RGBColor(214, 39, 40),
     RGBColor(44, 160, 44),
@@ -21,7 +21,7 @@ const COLORS: [RGBColor; 8] = [
     RGBColor(127, 127, 127),
 ];
 
-fn register_fonts() {
+pub fn register_fonts() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
         // The font is a known-good TTF compiled into the binary; registering it cannot fail.
@@ -35,8 +35,11 @@ fn x_of(b: usize, largest: usize) -> f64 {
 }
 
 /// The y range: every mean ± std, padded by a tenth (at least a point), within 0–100%.
-fn y_range(rows: &[SummaryRow]) -> (f64, f64) {
+pub fn y_range(rows: &[SummaryRow]) -> (f64, f64) {
     let finite = rows.iter().filter(|r| r.n > 0);
+    if finite.clone().next().is_none() {
+        return (0.0, 100.0);
+    }
     let y_max = finite
         .clone()
         .map(|r| r.test_error_mean + r.test_error_std)
@@ -153,31 +156,35 @@ where
     Ok(())
 }
 
-/// Writes `error_vs_batch.svg` and `error_vs_batch.png` into `dir` (each via a temporary file).
+/// Draws a figure with `$draw(area, args...)` into `$dir/$stem.svg` and `$dir/$stem.png`, each
+/// through a temporary file of this process's own.
+macro_rules! save_figure {
+    ($dir:expr, $stem:expr, $size:expr, $draw:ident($($arg:expr),*)) => {{
+        $crate::plot::register_fonts();
+        let (dir, stem): (&std::path::Path, &str) = ($dir, $stem);
+        let mut svg = String::new();
+        $draw(
+            plotters::prelude::SVGBackend::with_string(&mut svg, $size).into_drawing_area(),
+            $($arg),*
+        )?;
+        $crate::results::write_atomic(&dir.join(format!("{stem}.svg")), svg.as_bytes())?;
+        let png_tmp = dir.join(format!("{stem}.png.{}.tmp.png", std::process::id()));
+        $draw(
+            plotters::prelude::BitMapBackend::new(&png_tmp, $size).into_drawing_area(),
+            $($arg),*
+        )?;
+        std::fs::rename(&png_tmp, dir.join(format!("{stem}.png")))?;
+        anyhow::Ok(())
+    }};
+}
+pub(crate) use save_figure;
+
+/// Writes `error_vs_batch.svg` and `error_vs_batch.png` into `dir`.
 pub fn error_vs_batch(
     rows: &[SummaryRow],
     norms: &[String],
     sizes: &[usize],
     dir: &Path,
 ) -> Result<()> {
-    register_fonts();
-    let size = (800, 560);
-    let mut svg = String::new();
-    draw(
-        SVGBackend::with_string(&mut svg, size).into_drawing_area(),
-        rows,
-        norms,
-        sizes,
-    )?;
-    crate::results::write_atomic(&dir.join(FIGURE_SVG), svg.as_bytes())?;
-
-    let png_tmp = dir.join(format!("{FIGURE_PNG}.{}.tmp.png", std::process::id()));
-    draw(
-        BitMapBackend::new(&png_tmp, size).into_drawing_area(),
-        rows,
-        norms,
-        sizes,
-    )?;
-    std::fs::rename(&png_tmp, dir.join(FIGURE_PNG))?;
-    Ok(())
+    save_figure!(dir, FIGURE, (800, 560), draw(rows, norms, sizes))
 }

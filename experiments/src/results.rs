@@ -5,7 +5,9 @@
 //! resumed sweep counts each finished run exactly once. One process at a time writes a folder:
 //! [`lock_folder`] takes an OS lock that dies with its holder, so kill -9 leaves nothing stale.
 
+use crate::vary::Setting;
 use anyhow::{bail, Context, Result};
+use csv::StringRecord;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
@@ -19,8 +21,10 @@ pub const SUMMARY_CSV: &str = "summary.csv";
 pub const SUMMARY_MD: &str = "summary.md";
 pub const SUMMARY_TEX: &str = "summary.tex";
 pub const MANIFEST_JSON: &str = "manifest.json";
-pub const FIGURE_SVG: &str = "error_vs_batch.svg";
-pub const FIGURE_PNG: &str = "error_vs_batch.png";
+/// Test error against batch size (`.svg` and `.png`).
+pub const FIGURE: &str = "error_vs_batch";
+/// Training loss and test error per epoch (`.svg` and `.png`).
+pub const CURVES: &str = "curves";
 pub const LOCK_FILE: &str = ".normbench.lock";
 
 /// One run of the sweep.
@@ -29,17 +33,41 @@ pub struct RunKey {
     pub norm: String,
     pub batch_size: usize,
     pub seed: u64,
+    /// The run's values of the sweep's `--vary` keys (empty when nothing is varied).
+    pub vary: Setting,
 }
 
 impl RunKey {
-    pub fn of(norm: &str, batch_size: usize, seed: u64) -> Self {
+    pub fn with(norm: &str, batch_size: usize, seed: u64, vary: Setting) -> Self {
         Self {
             norm: norm.to_string(),
             batch_size,
             seed,
+            vary,
         }
     }
 }
+
+/// Rows that carry the values of the sweep's varied keys beside their own fields: written as
+/// extra columns named by the keys, read back from them.
+pub trait Varied {
+    fn vary(&self) -> &Setting;
+    fn vary_mut(&mut self) -> &mut Setting;
+}
+
+macro_rules! varied {
+    ($($t:ty),*) => {$(
+        impl Varied for $t {
+            fn vary(&self) -> &Setting {
+                &self.vary
+            }
+            fn vary_mut(&mut self) -> &mut Setting {
+                &mut self.vary
+            }
+        }
+    )*};
+}
+varied!(RunRow, EpochRow, SummaryRow);
 
 /// A row of `runs.csv`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -60,11 +88,13 @@ pub struct RunRow {
     pub train_loss: f64,
     pub wall_seconds: f64,
     pub diverged: bool,
+    #[serde(skip)]
+    pub vary: Setting,
 }
 
 impl RunRow {
     pub fn key(&self) -> RunKey {
-        RunKey::of(&self.norm, self.batch_size, self.seed)
+        RunKey::with(&self.norm, self.batch_size, self.seed, self.vary.clone())
     }
 }
 
@@ -78,11 +108,13 @@ pub struct EpochRow {
     pub lr: f64,
     pub train_loss: f64,
     pub test_error: f64,
+    #[serde(skip)]
+    pub vary: Setting,
 }
 
 impl EpochRow {
     pub fn key(&self) -> RunKey {
-        RunKey::of(&self.norm, self.batch_size, self.seed)
+        RunKey::with(&self.norm, self.batch_size, self.seed, self.vary.clone())
     }
 }
 
@@ -98,6 +130,8 @@ pub struct SummaryRow {
     pub test_error_batch_stats_mean: f64,
     pub test_error_large_batch_stats_mean: f64,
     pub n_diverged: usize,
+    #[serde(skip)]
+    pub vary: Setting,
 }
 
 /// Holds a results folder for this process until dropped (or the process ends).
@@ -157,20 +191,44 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     Ok(())
 }
 
-/// CSV text of `rows`, with a header line when `header`.
-pub fn to_csv<T: Serialize>(rows: &[T], header: bool) -> Result<Vec<u8>> {
+/// `row`'s column names and values, as serde writes them.
+fn fields<T: Serialize>(row: &T) -> Result<(StringRecord, StringRecord)> {
+    let mut w = csv::Writer::from_writer(Vec::new());
+    w.serialize(row)?;
+    let bytes = w.into_inner().map_err(|e| anyhow::anyhow!("csv: {e}"))?;
+    let mut r = csv::Reader::from_reader(&bytes[..]);
+    let names = r.headers()?.clone();
+    let values = r.records().next().context("csv: a row wrote no values")??;
+    Ok((names, values))
+}
+
+/// CSV text of `rows`, with a header line when `header`: each row's fields, then a column per
+/// varied key (one the row already has, such as `epochs`, is not repeated).
+pub fn to_csv<T: Serialize + Varied>(rows: &[T], header: bool) -> Result<Vec<u8>> {
     let mut w = csv::WriterBuilder::new()
-        .has_headers(header)
+        .has_headers(false)
         .from_writer(Vec::new());
+    let mut header_due = header;
     for row in rows {
-        w.serialize(row)?;
+        let (mut names, mut values) = fields(row)?;
+        for (key, value) in row.vary() {
+            if !names.iter().any(|n| n == key) {
+                names.push_field(key);
+                values.push_field(value);
+            }
+        }
+        if header_due {
+            w.write_record(&names)?;
+            header_due = false;
+        }
+        w.write_record(&values)?;
     }
     w.into_inner().map_err(|e| anyhow::anyhow!("csv: {e}"))
 }
 
 /// Appends `rows` to the CSV file at `path` in one write (with the header if the file is new),
 /// then flushes them to disk.
-pub fn append_rows<T: Serialize>(path: &Path, rows: &[T]) -> Result<()> {
+pub fn append_rows<T: Serialize + Varied>(path: &Path, rows: &[T]) -> Result<()> {
     let is_new = std::fs::metadata(path)
         .map(|m| m.len() == 0)
         .unwrap_or(true);
@@ -185,33 +243,89 @@ pub fn append_rows<T: Serialize>(path: &Path, rows: &[T]) -> Result<()> {
     Ok(())
 }
 
-/// The rows of the CSV file at `path` (none if it does not exist).
-pub fn read_rows<T: DeserializeOwned>(path: &Path) -> Result<Vec<T>> {
+/// The rows of the CSV file at `path` (none if it does not exist), with the values of the
+/// varied `keys` read from their columns.
+pub fn read_rows<T: DeserializeOwned + Varied>(path: &Path, keys: &[String]) -> Result<Vec<T>> {
     if !path.exists() {
         return Ok(Vec::new());
     }
     let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-    parse_rows(&bytes, path)
+    parse_rows(&bytes, path, keys)
 }
 
-fn parse_rows<T: DeserializeOwned>(bytes: &[u8], path: &Path) -> Result<Vec<T>> {
-    csv::Reader::from_reader(bytes)
-        .deserialize()
-        .enumerate()
-        .map(|(i, row)| {
-            row.with_context(|| format!("{}: row {} is malformed", path.display(), i + 1))
+/// The column of each varied key; refuses a file whose varied columns are not `keys` (reading it
+/// as another sweep's would merge runs that differ in a setting).
+fn key_columns(headers: &StringRecord, keys: &[String], path: &Path) -> Result<Vec<usize>> {
+    for h in headers.iter() {
+        let varied = crate::vary::KEYS.iter().any(|(k, _)| *k == h);
+        if varied && h != "epochs" && !keys.iter().any(|k| k == h) {
+            bail!(
+                "{} has a column {h:?}, a --vary key that its sweep's manifest does not name; \
+                 it belongs to another sweep (or its manifest.json is missing)",
+                path.display()
+            );
+        }
+    }
+    keys.iter()
+        .map(|k| {
+            headers.iter().position(|h| h == k).with_context(|| {
+                format!(
+                    "{} has no column {k:?}, but its sweep varies {k}; it belongs to another \
+                     sweep",
+                    path.display()
+                )
+            })
         })
         .collect()
 }
 
+fn parse_rows<T: DeserializeOwned + Varied>(
+    bytes: &[u8],
+    path: &Path,
+    keys: &[String],
+) -> Result<Vec<T>> {
+    let mut reader = csv::Reader::from_reader(bytes);
+    let headers = reader.headers()?.clone();
+    let columns = key_columns(&headers, keys, path)?;
+    reader
+        .records()
+        .enumerate()
+        .map(|(i, record)| {
+            let malformed = || format!("{}: row {} is malformed", path.display(), i + 1);
+            let record = record.with_context(malformed)?;
+            let mut row: T = record.deserialize(Some(&headers)).with_context(malformed)?;
+            *row.vary_mut() = keys
+                .iter()
+                .zip(&columns)
+                .map(|(k, &c)| (k.clone(), record.get(c).unwrap_or("").to_string()))
+                .collect();
+            Ok(row)
+        })
+        .collect()
+}
+
+/// The keys a sweep folder varies, from its manifest (none without one).
+pub fn varied_keys(dir: &Path) -> Result<Vec<String>> {
+    let path = dir.join(MANIFEST_JSON);
+    let Ok(text) = std::fs::read_to_string(&path) else {
+        return Ok(Vec::new());
+    };
+    let m: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not valid JSON", path.display()))?;
+    Ok(serde_json::from_value(m["settings"]["vary"].clone()).unwrap_or_default())
+}
+
 /// The rows of `path` up to its last newline (a line without one is a write a crash
 /// interrupted), and whether a partial line was left out.
-fn complete_rows<T: DeserializeOwned>(path: &Path) -> Result<(Vec<T>, bool)> {
+fn complete_rows<T: DeserializeOwned + Varied>(
+    path: &Path,
+    keys: &[String],
+) -> Result<(Vec<T>, bool)> {
     let Ok(bytes) = std::fs::read(path) else {
         return Ok((Vec::new(), false));
     };
     let keep = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
-    Ok((parse_rows(&bytes[..keep], path)?, keep != bytes.len()))
+    Ok((parse_rows(&bytes[..keep], path, keys)?, keep != bytes.len()))
 }
 
 /// A sweep folder's rows as a repair leaves them, read without changing the folder.
@@ -226,15 +340,15 @@ pub struct Consistent {
 
 /// Reads `dir`'s rows as [`repair`] would leave them, in memory: what `report` reads, so that it
 /// neither fails on a crash's partial line nor counts a run twice.
-pub fn read_consistent(dir: &Path) -> Result<Consistent> {
-    let (all, runs_cut): (Vec<RunRow>, bool) = complete_rows(&dir.join(RUNS_CSV))?;
+pub fn read_consistent(dir: &Path, keys: &[String]) -> Result<Consistent> {
+    let (all, runs_cut): (Vec<RunRow>, bool) = complete_rows(&dir.join(RUNS_CSV), keys)?;
     let mut seen = BTreeSet::new();
     let runs: Vec<RunRow> = all
         .iter()
         .filter(|r| seen.insert(r.key()))
         .cloned()
         .collect();
-    let (epochs, epochs_cut): (Vec<EpochRow>, bool) = complete_rows(&dir.join(EPOCHS_CSV))?;
+    let (epochs, epochs_cut): (Vec<EpochRow>, bool) = complete_rows(&dir.join(EPOCHS_CSV), keys)?;
     let mut kept_keys = BTreeSet::new();
     let kept: Vec<EpochRow> = epochs
         .iter()
@@ -251,8 +365,8 @@ pub fn read_consistent(dir: &Path) -> Result<Consistent> {
 
 /// Makes the sweep folder consistent after a crash and returns the finished runs: their rows,
 /// first occurrence of each run only, and epoch rows only for finished runs.
-pub fn repair(dir: &Path) -> Result<Vec<RunRow>> {
-    let c = read_consistent(dir)?;
+pub fn repair(dir: &Path, keys: &[String]) -> Result<Vec<RunRow>> {
+    let c = read_consistent(dir, keys)?;
     write_rows(dir, &c)?;
     Ok(c.runs)
 }
@@ -269,8 +383,8 @@ fn write_rows(dir: &Path, c: &Consistent) -> Result<()> {
 
 /// Repairs `dir` and removes the runs that diverged (their rows and epoch rows), so that a
 /// resumed sweep trains them again; returns the runs that stay finished.
-pub fn forget_diverged(dir: &Path) -> Result<Vec<RunRow>> {
-    let mut c = read_consistent(dir)?;
+pub fn forget_diverged(dir: &Path, keys: &[String]) -> Result<Vec<RunRow>> {
+    let mut c = read_consistent(dir, keys)?;
     let before = c.runs.len();
     c.runs.retain(|r| !r.diverged);
     if c.runs.len() != before {
@@ -315,6 +429,7 @@ mod tests {
             train_loss: f64::NAN,
             wall_seconds: 1.0,
             diverged: false,
+            vary: Vec::new(),
         }
     }
 
@@ -327,6 +442,7 @@ mod tests {
             lr: 0.1,
             train_loss: 1.0,
             test_error: 50.0,
+            vary: Vec::new(),
         }
     }
 
@@ -343,13 +459,13 @@ mod tests {
             .unwrap();
         f.write_all(b"gn,2,0,0.1,1,10,12.5").unwrap();
 
-        let runs = repair(dir.path()).unwrap();
+        let runs = repair(dir.path(), &[]).unwrap();
         assert_eq!(runs.len(), 1);
         assert_eq!(runs[0].test_error, 10.0, "first occurrence wins");
         assert!(runs[0].train_loss.is_nan(), "NaN round-trips");
         let text = std::fs::read_to_string(dir.path().join(RUNS_CSV)).unwrap();
         assert!(text.ends_with('\n') && !text.contains("12.5"));
-        let epochs: Vec<EpochRow> = read_rows(&dir.path().join(EPOCHS_CSV)).unwrap();
+        let epochs: Vec<EpochRow> = read_rows(&dir.path().join(EPOCHS_CSV), &[]).unwrap();
         assert_eq!(epochs, vec![epoch("bn", 32, 1)]);
     }
 
@@ -364,7 +480,7 @@ mod tests {
             .unwrap();
         f.write_all(b"gn,2,0,0.1,1,10,12.5").unwrap();
         let before = std::fs::read(dir.path().join(RUNS_CSV)).unwrap();
-        let c = read_consistent(dir.path()).unwrap();
+        let c = read_consistent(dir.path(), &[]).unwrap();
         assert_eq!((c.runs.len(), c.epochs.len()), (1, 1));
         assert_eq!(std::fs::read(dir.path().join(RUNS_CSV)).unwrap(), before);
     }
@@ -376,11 +492,11 @@ mod tests {
         bad.diverged = true;
         record_run(dir.path(), &run("bn", 32, 10.0), &[epoch("bn", 32, 1)]).unwrap();
         record_run(dir.path(), &bad, &[epoch("gn", 2, 1)]).unwrap();
-        let kept = forget_diverged(dir.path()).unwrap();
+        let kept = forget_diverged(dir.path(), &[]).unwrap();
         assert_eq!(kept.len(), 1);
         assert_eq!((kept[0].norm.as_str(), kept[0].diverged), ("bn", false));
-        let runs: Vec<RunRow> = read_rows(&dir.path().join(RUNS_CSV)).unwrap();
-        let epochs: Vec<EpochRow> = read_rows(&dir.path().join(EPOCHS_CSV)).unwrap();
+        let runs: Vec<RunRow> = read_rows(&dir.path().join(RUNS_CSV), &[]).unwrap();
+        let epochs: Vec<EpochRow> = read_rows(&dir.path().join(EPOCHS_CSV), &[]).unwrap();
         assert_eq!((runs.len(), epochs), (1, vec![epoch("bn", 32, 1)]));
     }
 
@@ -406,11 +522,60 @@ mod tests {
     }
 
     #[test]
+    fn varied_settings_round_trip_as_columns_and_other_sweeps_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let vary = |lr: &str| {
+            vec![
+                ("base-lr".to_string(), lr.to_string()),
+                ("epochs".to_string(), "1".to_string()),
+            ]
+        };
+        let (mut a, mut b) = (run("bn", 32, 10.0), run("bn", 32, 20.0));
+        a.vary = vary("0.1");
+        b.vary = vary("0.4");
+        let mut e = epoch("bn", 32, 1);
+        e.vary = vary("0.4");
+        record_run(dir.path(), &a, &[]).unwrap();
+        record_run(dir.path(), &b, std::slice::from_ref(&e)).unwrap();
+        let text = std::fs::read_to_string(dir.path().join(RUNS_CSV)).unwrap();
+        // `epochs` is a field of the row already: not repeated.
+        assert!(
+            text.starts_with("norm,batch_size,seed,lr,epochs,steps,"),
+            "{text}"
+        );
+        assert!(
+            text.lines().next().unwrap().ends_with(",diverged,base-lr"),
+            "{text}"
+        );
+        let keys = vec!["base-lr".to_string(), "epochs".to_string()];
+        let runs = repair(dir.path(), &keys).unwrap();
+        // Same norm, size and seed: two runs, told apart by their setting.
+        let got: Vec<(RunKey, f64)> = runs.iter().map(|r| (r.key(), r.test_error)).collect();
+        assert_eq!(got, vec![(a.key(), 10.0), (b.key(), 20.0)]);
+        let epochs: Vec<EpochRow> = read_rows(&dir.path().join(EPOCHS_CSV), &keys).unwrap();
+        assert_eq!(epochs, vec![e]);
+        let err = format!("{:#}", repair(dir.path(), &[]).unwrap_err());
+        assert!(
+            err.contains("a --vary key that its sweep's manifest does not name"),
+            "{err}"
+        );
+        let err = format!(
+            "{:#}",
+            repair(
+                dir.path(),
+                &[keys.clone(), vec!["dropout".to_string()]].concat()
+            )
+            .unwrap_err()
+        );
+        assert!(err.contains("has no column \"dropout\""), "{err}");
+    }
+
+    #[test]
     fn malformed_rows_are_named() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join(RUNS_CSV);
         std::fs::write(&path, "norm,batch_size\nbn,notanumber\n").unwrap();
-        let err = format!("{:#}", read_rows::<RunRow>(&path).unwrap_err());
+        let err = format!("{:#}", read_rows::<RunRow>(&path, &[]).unwrap_err());
         assert!(err.contains("row 1 is malformed"), "{err}");
     }
 }

@@ -5,6 +5,7 @@ use crate::model::{ModelConfig, ResNet};
 use crate::report;
 use crate::results::{self, write_atomic, EpochRow, RunKey, RunRow, MANIFEST_JSON};
 use crate::train::{self, TrainConfig};
+use crate::vary::{self, Axis};
 use anyhow::{bail, ensure, Context, Result};
 use candle_nn::VarMap;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -23,6 +24,8 @@ pub struct Plan {
     pub seeds: Vec<u64>,
     pub dataset: DatasetSpec,
     pub train: TrainConfig,
+    /// The `--vary` axes: settings of `train` that differ between runs.
+    pub vary: Vec<Axis>,
     /// (i, n): this process runs the i-th of n interleaved shares of the runs, 1 ≤ i ≤ n.
     pub shard: Option<(usize, usize)>,
 }
@@ -73,17 +76,15 @@ pub fn parse_shard(s: &str) -> Result<(usize, usize)> {
 
 impl Plan {
     /// All runs, seeds outermost (a partial sweep has complete comparisons for its first seeds),
-    /// then batch sizes, then normalizers; only this shard's share.
+    /// then varied settings, then batch sizes, then normalizers; only this shard's share.
     pub fn runs(&self) -> Vec<RunKey> {
         let mut all = Vec::new();
         for &seed in &self.seeds {
-            for &batch_size in &self.batch_sizes {
-                for norm in &self.norms {
-                    all.push(RunKey {
-                        norm: norm.clone(),
-                        batch_size,
-                        seed,
-                    });
+            for setting in vary::settings(&self.vary) {
+                for &batch_size in &self.batch_sizes {
+                    for norm in &self.norms {
+                        all.push(RunKey::with(norm, batch_size, seed, setting.clone()));
+                    }
                 }
             }
         }
@@ -98,9 +99,25 @@ impl Plan {
         }
     }
 
-    /// The settings every run of a sweep folder must share (everything but what is swept).
+    /// The varied keys, in the order given.
+    pub fn keys(&self) -> Vec<String> {
+        self.vary.iter().map(|a| a.key.clone()).collect()
+    }
+
+    /// The settings every run of a sweep folder must share (everything but what is swept): with
+    /// `--vary`, the varied keys in place of their fixed values (which no run uses).
     pub fn settings(&self) -> serde_json::Value {
-        json!({ "dataset": self.dataset.to_string(), "train": self.train })
+        let mut settings = json!({ "dataset": self.dataset.to_string(), "train": self.train });
+        if !self.vary.is_empty() {
+            for key in self.keys() {
+                let field = key.replace('-', "_");
+                if let Some(v) = settings["train"].get_mut(&field) {
+                    *v = serde_json::Value::Null;
+                }
+            }
+            settings["vary"] = json!(self.keys());
+        }
+        settings
     }
 
     /// A stable name for the sweep's settings: `sweep-` and 8 hex digits of their FNV-1a hash.
@@ -160,30 +177,15 @@ impl Plan {
             "--batch-sizes names a batch size twice: {:?}",
             self.batch_sizes
         );
-        ensure!(self.train.epochs >= 1, "--epochs must be at least 1");
-        ensure!(
-            self.train.base_lr.is_finite() && self.train.base_lr > 0.0,
-            "--base-lr must be a positive number, got {}",
-            self.train.base_lr
-        );
-        let t = &self.train;
-        ensure!(
-            t.weight_decay.is_finite() && t.weight_decay >= 0.0,
-            "--weight-decay must be a number >= 0, got {}",
-            t.weight_decay
-        );
-        ensure!(
-            t.warmup_epochs.is_finite() && t.warmup_epochs >= 0.0,
-            "--warmup-epochs must be a number >= 0, got {}",
-            t.warmup_epochs
-        );
-        ensure!(
-            t.warmup_epochs <= t.epochs as f64,
-            "--warmup-epochs {} is longer than the run (--epochs {}); give at most {}",
-            t.warmup_epochs,
-            t.epochs,
-            t.epochs
-        );
+        for setting in vary::settings(&self.vary) {
+            let t = self.train.with_setting(&setting)?;
+            let checked = check_train(&t);
+            if setting.is_empty() {
+                checked?;
+            } else {
+                checked.with_context(|| format!("with --vary {}", vary::label(&setting)))?;
+            }
+        }
         for &b in &self.batch_sizes {
             ensure!(
                 b >= 1,
@@ -219,6 +221,40 @@ impl Plan {
         }
         Ok(())
     }
+}
+
+/// Refuses training settings no run could use.
+fn check_train(t: &TrainConfig) -> Result<()> {
+    ensure!(t.epochs >= 1, "--epochs must be at least 1");
+    ensure!(
+        t.base_lr.is_finite() && t.base_lr > 0.0,
+        "--base-lr must be a positive number, got {}",
+        t.base_lr
+    );
+    ensure!(
+        t.weight_decay.is_finite() && t.weight_decay >= 0.0,
+        "--weight-decay must be a number >= 0, got {}",
+        t.weight_decay
+    );
+    ensure!(
+        t.warmup_epochs.is_finite() && t.warmup_epochs >= 0.0,
+        "--warmup-epochs must be a number >= 0, got {}",
+        t.warmup_epochs
+    );
+    ensure!(
+        t.warmup_epochs <= t.epochs as f64,
+        "--warmup-epochs {} is longer than the run (--epochs {}); give at most {}",
+        t.warmup_epochs,
+        t.epochs,
+        t.epochs
+    );
+    let model: ModelConfig = t.model.parse()?;
+    ensure!(
+        (0.0..1.0).contains(&model.dropout),
+        "dropout {} is out of range; use [0, 1)",
+        model.dropout
+    );
+    Ok(())
 }
 
 fn now() -> String {
@@ -372,7 +408,7 @@ fn run_caught(
                 panic!("NORMBENCH_PANIC_IN_RUN asked this run to panic");
             }
         }
-        train::run(key, cfg, ds, on_epoch)
+        train::run(key, &cfg.with_setting(&key.vary)?, ds, on_epoch)
     }))
     .unwrap_or_else(|payload| bail!("panicked: {}", panic_message(payload)))
 }
@@ -380,10 +416,11 @@ fn run_caught(
 /// The runs of the plan not yet finished in `out` (after a repair; diverged runs count as
 /// unfinished with `retry_diverged`), in the plan's order.
 fn pending(plan: &Plan, out: &Path, retry_diverged: bool) -> Result<VecDeque<RunKey>> {
+    let keys = plan.keys();
     let kept = if retry_diverged {
-        results::forget_diverged(out)?
+        results::forget_diverged(out, &keys)?
     } else {
-        results::repair(out)?
+        results::repair(out, &keys)?
     };
     let finished = results::finished(&kept);
     Ok(plan
@@ -583,7 +620,7 @@ pub fn run(
             out.display()
         )));
     }
-    report::report(out)?;
+    report::report(out, None)?;
     eprintln!("wrote {}", out.display());
     Ok(())
 }
@@ -625,20 +662,36 @@ pub fn merge(out: &Path, sources: &[PathBuf]) -> Result<()> {
             Some(_) => {}
         }
         manifest_of_first.get_or_insert(m);
-        results::repair(src)?;
-        runs.extend(results::read_rows::<RunRow>(&src.join(results::RUNS_CSV))?);
+        let keys = results::varied_keys(src)?;
+        results::repair(src, &keys)?;
+        runs.extend(results::read_rows::<RunRow>(
+            &src.join(results::RUNS_CSV),
+            &keys,
+        )?);
         epochs.extend(results::read_rows::<EpochRow>(
             &src.join(results::EPOCHS_CSV),
+            &keys,
         )?);
     }
     std::fs::create_dir_all(out)?;
-    let existing: Vec<RunRow> = results::repair(out)?;
+    let keys: Vec<String> = settings
+        .as_ref()
+        .and_then(|s| serde_json::from_value(s["vary"].clone()).ok())
+        .unwrap_or_default();
+    if out.join(MANIFEST_JSON).is_file() {
+        ensure!(
+            results::varied_keys(out)? == keys,
+            "{} holds a sweep with other --vary keys; merge into a new folder",
+            out.display()
+        );
+    }
+    let existing: Vec<RunRow> = results::repair(out, &keys)?;
     let mut seen = results::finished(&existing);
     let mut merged = existing;
     let new: Vec<RunRow> = runs.into_iter().filter(|r| seen.insert(r.key())).collect();
     let new_keys = results::finished(&new);
     merged.extend(new);
-    let mut all_epochs: Vec<EpochRow> = results::read_rows(&out.join(results::EPOCHS_CSV))?;
+    let mut all_epochs: Vec<EpochRow> = results::read_rows(&out.join(results::EPOCHS_CSV), &keys)?;
     all_epochs.extend(epochs.into_iter().filter(|e| new_keys.contains(&e.key())));
     write_atomic(
         &out.join(results::EPOCHS_CSV),
@@ -659,7 +712,7 @@ pub fn merge(out: &Path, sources: &[PathBuf]) -> Result<()> {
         &out.join(MANIFEST_JSON),
         &serde_json::to_vec_pretty(&manifest)?,
     )?;
-    report::report(out)?;
+    report::report(out, None)?;
     eprintln!("merged {} runs into {}", merged.len(), out.display());
     Ok(())
 }
@@ -708,6 +761,7 @@ mod tests {
                 large_eval_batch: 250,
                 conv: "fast".into(),
             },
+            vary: Vec::new(),
             shard: None,
         };
         let all = plan.runs();

@@ -5,7 +5,8 @@ use crate::data::{Dataset, Split};
 use crate::model::{is_normalizer_var, is_running_stat, Mode, ModelConfig, ResNet};
 use crate::optim::Sgd;
 use crate::results::{EpochRow, RunKey, RunRow};
-use anyhow::Result;
+use crate::vary::Setting;
+use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use candle_nn::VarMap;
 use conv::ConvImpl;
@@ -28,6 +29,37 @@ pub struct TrainConfig {
     /// Batch size of the large-batch evaluation with batch statistics.
     pub large_eval_batch: usize,
     pub conv: String,
+}
+
+impl TrainConfig {
+    /// This config with the values of a `--vary` setting in place of its own.
+    pub fn with_setting(&self, setting: &Setting) -> Result<TrainConfig> {
+        let mut cfg = self.clone();
+        for (key, value) in setting {
+            let number = || -> Result<f64> {
+                value
+                    .parse()
+                    .with_context(|| format!("{key}={value:?} is not a number"))
+            };
+            match key.as_str() {
+                "base-lr" => cfg.base_lr = number()?,
+                "weight-decay" => cfg.weight_decay = number()?,
+                "epochs" => cfg.epochs = number()? as usize,
+                "warmup-epochs" => cfg.warmup_epochs = number()?,
+                "momentum" => cfg.momentum = number()?,
+                "dropout" | "init-gain" => {
+                    let mut model: ModelConfig = cfg.model.parse()?;
+                    model.set(key, value)?;
+                    cfg.model = model.to_string();
+                }
+                _ => bail!(
+                    "unknown varied key {key:?}; the keys are {}",
+                    crate::vary::known_keys()
+                ),
+            }
+        }
+        Ok(cfg)
+    }
 }
 
 /// Learning rate at `step` of `total`: linear warm-up over `warmup` steps to `peak`, then a
@@ -186,6 +218,7 @@ pub fn run(
             lr,
             train_loss,
             test_error: test_error(&model, ds, cfg.large_eval_batch, Mode::Eval)?,
+            vary: key.vary.clone(),
         };
         on_epoch(&row);
         epochs.push(row);
@@ -215,6 +248,7 @@ pub fn run(
         train_loss: if diverged { f64::NAN } else { train_loss },
         wall_seconds: start.elapsed().as_secs_f64(),
         diverged,
+        vary: key.vary.clone(),
     };
     Ok((row, epochs))
 }
@@ -240,6 +274,49 @@ mod tests {
             assert!(!all_finite(&varmap).unwrap(), "{bad}");
         }
         drop(w);
+    }
+
+    #[test]
+    fn a_setting_replaces_the_configs_values() {
+        let cfg = TrainConfig {
+            model: "resnet".into(),
+            epochs: 6,
+            base_lr: 0.1,
+            warmup_epochs: 1.0,
+            momentum: 0.9,
+            weight_decay: 5e-4,
+            large_eval_batch: 250,
+            conv: "fast".into(),
+        };
+        let axes = crate::vary::parse(
+            &[
+                "base-lr=0.4",
+                "weight-decay=0",
+                "epochs=3",
+                "warmup-epochs=0.5",
+                "momentum=0",
+                "dropout=0.3",
+                "init-gain=4",
+            ]
+            .map(String::from),
+        )
+        .unwrap();
+        let got = cfg.with_setting(&crate::vary::settings(&axes)[0]).unwrap();
+        assert_eq!(
+            (
+                got.base_lr,
+                got.weight_decay,
+                got.epochs,
+                got.warmup_epochs,
+                got.momentum
+            ),
+            (0.4, 0.0, 3, 0.5, 0.0)
+        );
+        assert_eq!(
+            got.model,
+            "resnet:width=16,blocks=1,groups=8,dropout=0.3,init-gain=4"
+        );
+        assert_eq!(cfg.with_setting(&Vec::new()).unwrap(), cfg);
     }
 
     #[test]

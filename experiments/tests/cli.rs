@@ -369,6 +369,127 @@ fn mnist_and_cifar10_files_load_from_a_path() {
     );
 }
 
+/// runs.csv's numbers (as `numbers`) with the column `key` kept at its header's place.
+fn column(dir: &Path, key: &str) -> Vec<String> {
+    let text = read(dir, "runs.csv");
+    let header: Vec<&str> = text.lines().next().unwrap().split(',').collect();
+    let i = header
+        .iter()
+        .position(|h| *h == key)
+        .unwrap_or_else(|| panic!("no {key}"));
+    let mut v: Vec<String> = text
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').nth(i).unwrap().to_string())
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn a_varied_setting_is_a_column_and_resumes_shards_and_merges() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = |n: &str| tmp.path().join(n);
+    let sweep = |name: &str, more: &[&str]| {
+        let mut args = vec![
+            "sweep",
+            "--quick",
+            "--norms",
+            "bn",
+            "--vary",
+            "base-lr=0.05,0.2",
+            "--vary",
+            "dropout=0,0.5",
+            "--out",
+        ];
+        let out = dir(name);
+        args.push(out.to_str().unwrap());
+        args.extend(more);
+        ok(&args)
+    };
+    sweep("all", &[]);
+    let all = dir("all");
+    // 2 batch sizes × 2 rates × 2 dropouts; the rate shows in lr = base-lr·B/32 too.
+    assert_eq!(numbers(&all).len(), 8);
+    assert_eq!(
+        column(&all, "base-lr"),
+        ["0.05", "0.05", "0.05", "0.05", "0.2", "0.2", "0.2", "0.2"]
+    );
+    assert_eq!(
+        column(&all, "dropout")
+            .iter()
+            .filter(|v| *v == "0.5")
+            .count(),
+        4
+    );
+    for line in read(&all, "runs.csv").lines().skip(1) {
+        let f: Vec<&str> = line.split(',').collect();
+        let (b, lr, base): (f64, f64, f64) = (
+            f[1].parse().unwrap(),
+            f[3].parse().unwrap(),
+            f[12].parse().unwrap(),
+        );
+        assert!((lr - base * b / 32.0).abs() < 1e-12, "{line}");
+    }
+    assert!(read(&all, "epochs.csv")
+        .lines()
+        .next()
+        .unwrap()
+        .ends_with(",base-lr,dropout"));
+    let summary = read(&all, "summary.md");
+    assert!(
+        summary.contains("| normalizer | base-lr=0.05 | base-lr=0.2 |"),
+        "{summary}"
+    );
+    assert!(summary.contains("dropout=0.5:"), "{summary}");
+    assert!(all.join("error_vs_base-lr.svg").exists() && all.join("curves.svg").exists());
+    let manifest = read(&all, "manifest.json");
+    assert!(
+        manifest.contains("\"vary\": [\n      \"base-lr\",\n      \"dropout\""),
+        "{manifest}"
+    );
+    // Resume: nothing left to run. Another set of keys is another sweep.
+    assert!(sweep("all", &[]).contains("8 already finished, 0 to run"));
+    let e = fails(&[
+        "sweep",
+        "--quick",
+        "--norms",
+        "bn",
+        "--vary",
+        "base-lr=0.05",
+        "--out",
+        all.to_str().unwrap(),
+    ]);
+    assert!(e.contains("holds a sweep with other settings"), "{e}");
+    // Shards merge into the unsharded sweep's numbers.
+    sweep("s1", &["--shard", "1/3"]);
+    sweep("s2", &["--shard", "2/3"]);
+    sweep("s3", &["--shard", "3/3"]);
+    let (s1, s2, s3, merged) = (dir("s1"), dir("s2"), dir("s3"), dir("merged"));
+    ok(&[
+        "merge",
+        "--out",
+        merged.to_str().unwrap(),
+        s1.to_str().unwrap(),
+        s2.to_str().unwrap(),
+        s3.to_str().unwrap(),
+    ]);
+    assert_eq!(numbers(&merged), numbers(&all));
+    assert_eq!(read(&merged, "summary.csv"), read(&all, "summary.csv"));
+    // Curves of one setting.
+    let e = ok(&[
+        "curves",
+        all.to_str().unwrap(),
+        "--where",
+        "base-lr=0.2",
+        "--batch-size",
+        "2",
+    ]);
+    assert!(all.join("curves_B2_base-lr-0.2.svg").exists(), "{e}");
+    let e = fails(&["curves", all.to_str().unwrap(), "--where", "momentum=0.9"]);
+    assert!(e.contains("the sweep does not vary momentum"), "{e}");
+}
+
 #[test]
 fn bad_arguments_fail_before_any_training() {
     let tmp = tempfile::tempdir().unwrap();
@@ -392,6 +513,28 @@ fn bad_arguments_fail_before_any_training() {
         (vec!["--model", "resnet:width=12"], "must divide width=12"),
         (vec!["--conv", "cudnn"], "unknown convolution"),
         (vec!["--dataset", "imagenet"], "unknown data set"),
+        (vec!["--vary", "lr=0.1"], "--vary: unknown key \"lr\""),
+        (vec!["--vary", "base-lr="], "--vary base-lr= has no values"),
+        (
+            vec!["--vary", "dropout=0", "--vary", "dropout=0.3"],
+            "--vary dropout is given twice",
+        ),
+        (
+            vec!["--vary", "base-lr=0.1,-0.2"],
+            "--vary base-lr=-0.2 is out of range",
+        ),
+        (
+            vec!["--vary", "dropout=0,1"],
+            "--vary dropout=1 is out of range",
+        ),
+        (
+            vec!["--vary", "epochs=1,2", "--warmup-epochs", "2"],
+            "--warmup-epochs 2 is longer than the run (--epochs 1)",
+        ),
+        (
+            vec!["--model", "resnet:dropout=1.5"],
+            "dropout must be in [0, 1)",
+        ),
     ] {
         let mut full = vec!["sweep", "--quick", "--out", o];
         full.extend(args.iter());

@@ -44,9 +44,9 @@ impl Normalizer for Identity {
 
 #[cfg(test)]
 mod tests {
-    use crate::{from_spec, Normalizer};
+    use crate::from_spec;
     use candle_core::{DType, Device, Tensor, Var};
-    use candle_nn::{ModuleT, VarBuilder, VarMap};
+    use candle_nn::{VarBuilder, VarMap};
 
     #[test]
     fn none_returns_its_input_with_its_gradient_and_makes_no_variables() {
