@@ -162,11 +162,12 @@ where
     Ok(())
 }
 
-/// The default target of the convergence table: the worst cell's final mean test error, rounded
-/// up to a whole percent, so that every normalizer reaches it on average by the last epoch.
-pub fn default_target(runs: &[RunRow]) -> Option<f64> {
-    let cells = crate::summary::summarize(runs, &[]);
-    cells
+/// The default target of a group of cells (one batch size and setting): the worst
+/// normalizer's final mean test error, rounded up to a whole percent, so that every normalizer
+/// reaches it on average by the last epoch and the table compares how soon.
+fn group_target(runs: &[&RunRow]) -> Option<f64> {
+    let owned: Vec<RunRow> = runs.iter().map(|r| (*r).clone()).collect();
+    crate::summary::summarize(&owned, &[])
         .iter()
         .filter(|c| c.n > 0)
         .map(|c| c.test_error_mean)
@@ -184,50 +185,63 @@ fn first_epoch(epochs: &[EpochRow], run: &RunRow, target: f64) -> Option<usize> 
         .min()
 }
 
-/// The markdown section: for each normalizer, batch size and setting, the mean first epoch at
-/// which its runs reach `target`% test error (over the runs that do) and how many never do
-/// (a run that diverged never does).
+/// One row of the convergence table: the mean first epoch at which `cell`'s runs reach
+/// `target`% (over the runs that do) and how many never do (a diverged run never does).
+fn convergence_row(epochs: &[EpochRow], cell: &[&RunRow], target: f64) -> (String, usize) {
+    let reached: Vec<f64> = cell
+        .iter()
+        .filter(|r| !r.diverged)
+        .filter_map(|r| first_epoch(epochs, r, target).map(|e| e as f64))
+        .collect();
+    let mean = if reached.is_empty() {
+        "–".to_string()
+    } else {
+        format!("{:.1}", mean_std(&reached).0)
+    };
+    (mean, cell.len() - reached.len())
+}
+
+/// The markdown section: for each normalizer, batch size and setting, the epochs its runs take
+/// to reach a target test error: `target`%, or by default each batch size and setting's worst
+/// final mean error (see [`group_target`]).
 pub fn convergence_table(
     runs: &[RunRow],
     epochs: &[EpochRow],
     norms: &[String],
     sizes: &[usize],
-    target: f64,
+    target: Option<f64>,
 ) -> String {
-    let mut s = format!(
-        "\nEpochs to reach {target}% test error (mean over the seeds that reach it; from \
-         epochs.csv).\n\n| normalizer | batch size | setting | epochs to {target}% | never |\n\
-         |---|---:|---|---:|---:|\n"
+    let mut s = String::from(
+        "\nEpochs to reach a target test error (mean over the seeds that reach it; from \
+         epochs.csv). The target: the worst normalizer's final mean error at that batch size \
+         and setting, rounded up, unless `report --target-error` gives one.\n\n\
+         | normalizer | batch size | setting | target (%) | epochs to target | never |\n\
+         |---|---:|---|---:|---:|---:|\n",
     );
     for setting in settings_of(runs) {
-        for norm in norms {
-            for &b in sizes {
-                let cell: Vec<&RunRow> = runs
-                    .iter()
-                    .filter(|r| &r.norm == norm && r.batch_size == b && r.vary == setting)
-                    .collect();
+        for &b in sizes {
+            let group: Vec<&RunRow> = runs
+                .iter()
+                .filter(|r| r.batch_size == b && r.vary == setting)
+                .collect();
+            let Some(t) = target.or_else(|| group_target(&group)) else {
+                continue;
+            };
+            let label = if setting.is_empty() {
+                "–".into()
+            } else {
+                vary::label(&setting)
+            };
+            for norm in norms {
+                let cell: Vec<&RunRow> =
+                    group.iter().copied().filter(|r| &r.norm == norm).collect();
                 if cell.is_empty() {
                     continue;
                 }
-                let reached: Vec<f64> = cell
-                    .iter()
-                    .filter(|r| !r.diverged)
-                    .filter_map(|r| first_epoch(epochs, r, target).map(|e| e as f64))
-                    .collect();
-                let mean = if reached.is_empty() {
-                    "–".to_string()
-                } else {
-                    format!("{:.1}", mean_std(&reached).0)
-                };
-                let never = cell.len() - reached.len();
-                let label = if setting.is_empty() {
-                    "–".into()
-                } else {
-                    vary::label(&setting)
-                };
+                let (mean, never) = convergence_row(epochs, &cell, t);
                 let _ = writeln!(
                     s,
-                    "| `{norm}` | {b} | {label} | {mean} | {never} of {} |",
+                    "| `{norm}` | {b} | {label} | {t} | {mean} | {never} of {} |",
                     cell.len()
                 );
             }
@@ -302,4 +316,79 @@ pub fn run(args: CurvesArgs) -> Result<()> {
     figure(&lines, &title, dir, &stem)?;
     eprintln!("wrote {}", dir.join(format!("{stem}.svg")).display());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(norm: &str, seed: u64, err: f64, diverged: bool) -> RunRow {
+        RunRow {
+            norm: norm.into(),
+            batch_size: 32,
+            seed,
+            lr: 0.1,
+            epochs: 3,
+            steps: 3,
+            test_error: err,
+            test_error_batch_stats: err,
+            test_error_large_batch_stats: err,
+            train_loss: 0.1,
+            wall_seconds: 1.0,
+            diverged,
+            vary: Vec::new(),
+        }
+    }
+
+    fn epoch(norm: &str, seed: u64, epoch: usize, err: f64) -> EpochRow {
+        EpochRow {
+            norm: norm.into(),
+            batch_size: 32,
+            seed,
+            epoch,
+            lr: 0.1,
+            train_loss: 1.0 / epoch as f64,
+            test_error: err,
+            vary: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn epochs_to_target_count_first_crossings_and_never() {
+        // At 20%: bn reaches it at epochs 1 and 2, gn at epoch 3 once and never in its other
+        // seed, ln diverged (never, whatever its epochs say). The default target is the worst
+        // final mean (gn: 24.5 → 25), which bn reaches at epochs 1 and 2.
+        let runs = vec![
+            run("bn", 0, 10.0, false),
+            run("bn", 1, 12.0, false),
+            run("gn", 0, 19.0, false),
+            run("gn", 1, 30.0, false),
+            run("ln", 0, f64::NAN, true),
+        ];
+        let mut epochs = Vec::new();
+        for (norm, seed, errs) in [
+            ("bn", 0, [18.0, 12.0, 10.0]),
+            ("bn", 1, [40.0, 20.0, 12.0]),
+            ("gn", 0, [50.0, 30.0, 19.0]),
+            ("gn", 1, [60.0, 40.0, 30.0]),
+            ("ln", 0, [10.0, 10.0, 10.0]),
+        ] {
+            for (i, e) in errs.into_iter().enumerate() {
+                epochs.push(epoch(norm, seed, i + 1, e));
+            }
+        }
+        let norms = ["bn", "gn", "ln"].map(String::from);
+        let t = convergence_table(&runs, &epochs, &norms, &[32], Some(20.0));
+        assert!(t.contains("| `bn` | 32 | – | 20 | 1.5 | 0 of 2 |"), "{t}");
+        assert!(t.contains("| `gn` | 32 | – | 20 | 3.0 | 1 of 2 |"), "{t}");
+        assert!(t.contains("| `ln` | 32 | – | 20 | – | 1 of 1 |"), "{t}");
+        let t = convergence_table(&runs, &epochs, &norms, &[32], None);
+        assert!(t.contains("| `bn` | 32 | – | 25 | 1.5 | 0 of 2 |"), "{t}");
+        assert!(t.contains("| `gn` | 32 | – | 25 | 3.0 | 1 of 2 |"), "{t}");
+
+        let lines = curves(&epochs, &norms, 32, &Vec::new());
+        assert_eq!(lines.len(), 3);
+        assert_eq!(lines[0].error, vec![(1.0, 29.0), (2.0, 16.0), (3.0, 11.0)]);
+        assert_eq!(lines[1].loss[0], (1.0, 1.0));
+    }
 }

@@ -62,8 +62,8 @@ enum Command {
     Report {
         /// The sweep folder.
         dir: PathBuf,
-        /// The test error (%) of the convergence table [default: the worst cell's final mean
-        /// error, rounded up].
+        /// The test error (%) of the convergence table [default: per batch size and setting,
+        /// the worst normalizer's final mean error, rounded up].
         #[arg(long)]
         target_error: Option<f64>,
     },

@@ -109,7 +109,7 @@ pub fn latex(rows: &[SummaryRow], norms: &[String], sizes: &[usize]) -> String {
 
 /// Rebuilds `summary.csv`, `summary.md`, `summary.tex`, the figure and the training curves
 /// from `runs.csv` and `epochs.csv`; the convergence table's target is `target`% test error
-/// (default: the worst cell's final mean error, rounded up).
+/// (default: per batch size and setting, the worst normalizer's final mean error, rounded up).
 pub fn report(dir: &Path, target: Option<f64>) -> Result<Vec<SummaryRow>> {
     let sweep = Sweep::read(dir)?;
     let (norms, sizes) = (&sweep.norms, &sweep.sizes);
@@ -129,15 +129,13 @@ pub fn report(dir: &Path, target: Option<f64>) -> Result<Vec<SummaryRow>> {
         plot::error_vs_batch(&rows, norms, sizes, dir)?;
         (markdown(&rows, norms, sizes), latex(&rows, norms, sizes))
     };
-    if let Some(target) = target.or_else(|| curves::default_target(&sweep.runs)) {
-        md.push_str(&curves::convergence_table(
-            &sweep.runs,
-            &sweep.epochs,
-            norms,
-            sizes,
-            target,
-        ));
-    }
+    md.push_str(&curves::convergence_table(
+        &sweep.runs,
+        &sweep.epochs,
+        norms,
+        sizes,
+        target,
+    ));
     write_atomic(&dir.join(results::SUMMARY_MD), md.as_bytes())?;
     write_atomic(&dir.join(results::SUMMARY_TEX), tex.as_bytes())?;
     let b = sizes[0];
