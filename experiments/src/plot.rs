@@ -4,6 +4,7 @@
 
 use crate::results::{SummaryRow, FIGURE};
 use anyhow::{anyhow, Result};
+use plotters::coord::types::RangedCoordf64;
 use plotters::coord::Shift;
 use plotters::prelude::*;
 use plotters::style::{register_font, FontStyle};
@@ -121,28 +122,7 @@ where
     for (i, norm) in norms.iter().enumerate() {
         let color = COLORS[i % COLORS.len()];
         let points = points(rows, norm, sizes, largest);
-        chart
-            .draw_series(LineSeries::new(
-                points.iter().map(|p| (p.0, p.1)),
-                color.stroke_width(2),
-            ))
-            .map_err(err)?
-            .label(norm.clone())
-            .legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
-            });
-        chart
-            .draw_series(
-                points
-                    .iter()
-                    .map(|p| Circle::new((p.0, p.1), 4, color.filled())),
-            )
-            .map_err(err)?;
-        chart
-            .draw_series(points.iter().map(|p| {
-                ErrorBar::new_vertical(p.0, p.1 - p.2, p.1, p.1 + p.2, color.stroke_width(1), 8)
-            }))
-            .map_err(err)?;
+        draw_line(&mut chart, &points, color, Some(norm.clone()))?;
     }
     chart
         .configure_series_labels()
@@ -153,6 +133,44 @@ where
         .draw()
         .map_err(err)?;
     area.present().map_err(err)?;
+    Ok(())
+}
+
+/// Draws one line of (x, mean, std) points with a marker and an error bar at each, named in the
+/// legend when `label` is given.
+pub fn draw_line<DB: DrawingBackend>(
+    chart: &mut ChartContext<'_, DB, Cartesian2d<RangedCoordf64, RangedCoordf64>>,
+    points: &[(f64, f64, f64)],
+    color: RGBColor,
+    label: Option<String>,
+) -> Result<()>
+where
+    DB::ErrorType: 'static,
+{
+    let err = |e: DrawingAreaErrorKind<DB::ErrorType>| anyhow!("drawing the figure: {e:?}");
+    let series = chart
+        .draw_series(LineSeries::new(
+            points.iter().map(|p| (p.0, p.1)),
+            color.stroke_width(2),
+        ))
+        .map_err(err)?;
+    if let Some(label) = label {
+        series.label(label).legend(move |(x, y)| {
+            PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+        });
+    }
+    chart
+        .draw_series(
+            points
+                .iter()
+                .map(|p| Circle::new((p.0, p.1), 4, color.filled())),
+        )
+        .map_err(err)?;
+    chart
+        .draw_series(points.iter().map(|p| {
+            ErrorBar::new_vertical(p.0, p.1 - p.2, p.1, p.1 + p.2, color.stroke_width(1), 8)
+        }))
+        .map_err(err)?;
     Ok(())
 }
 

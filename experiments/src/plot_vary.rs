@@ -3,7 +3,7 @@
 //! seeds, one panel per combination of the other keys' values. A cell with diverged runs gets a
 //! cross at the top of its panel, so that where a setting breaks training stays visible.
 
-use crate::plot::{save_figure, y_range, COLORS};
+use crate::plot::{draw_line, save_figure, y_range, COLORS};
 use crate::report_vary::{cell, lines, Layout};
 use crate::results::SummaryRow;
 use crate::vary;
@@ -131,29 +131,7 @@ where
                     .map(|c| (*x, c.test_error_mean, c.test_error_std))
             })
             .collect();
-        let series = chart
-            .draw_series(LineSeries::new(
-                points.iter().map(|p| (p.0, p.1)),
-                color.stroke_width(2),
-            ))
-            .map_err(err)?;
-        if legend {
-            series.label(label).legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
-            });
-        }
-        chart
-            .draw_series(
-                points
-                    .iter()
-                    .map(|p| Circle::new((p.0, p.1), 4, color.filled())),
-            )
-            .map_err(err)?;
-        chart
-            .draw_series(points.iter().map(|p| {
-                ErrorBar::new_vertical(p.0, p.1 - p.2, p.1, p.1 + p.2, color.stroke_width(1), 8)
-            }))
-            .map_err(err)?;
+        draw_line(&mut chart, &points, color, legend.then_some(label))?;
         let top = y_hi - (y_hi - y_lo) * 0.03;
         chart
             .draw_series(
