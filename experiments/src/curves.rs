@@ -4,7 +4,7 @@
 
 use crate::plot::{save_figure, COLORS};
 use crate::results::{EpochRow, RunRow};
-use crate::summary::{mean_std, settings_of};
+use crate::summary::{distinct_settings, mean_std, settings_of};
 use crate::vary::{self, Setting};
 use anyhow::{anyhow, ensure, Result};
 use plotters::coord::Shift;
@@ -31,7 +31,7 @@ pub fn curves(epochs: &[EpochRow], norms: &[String], b: usize, filter: &Setting)
         .iter()
         .filter(|e| e.batch_size == b && matches(&e.vary, filter))
         .collect();
-    let settings = settings_of(&at_b.iter().map(|e| (*e).clone()).collect::<Vec<_>>());
+    let settings = distinct_settings(at_b.iter().map(|e| &e.vary));
     let mut out = Vec::new();
     for setting in &settings {
         for norm in norms {
@@ -272,7 +272,7 @@ pub fn run(args: CurvesArgs) -> Result<()> {
     );
     let _lock = crate::results::lock_folder(dir)?;
     let sweep = crate::summary::Sweep::read(dir)?;
-    let keys = crate::results::varied_keys(dir)?;
+    let keys = &sweep.keys;
     let mut filter: Setting = Vec::new();
     for f in &args.filter {
         let Some((k, v)) = f.split_once('=') else {

@@ -454,6 +454,16 @@ pub fn is_running_stat(name: &str) -> bool {
 mod tests {
     use super::*;
 
+    /// The values of variable `name` of `vm`, flattened.
+    fn value(vm: &VarMap, name: &str) -> Vec<f32> {
+        vm.data().lock().unwrap()[name]
+            .as_tensor()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    }
+
     #[test]
     fn model_specs_parse_and_reject_bad_input() {
         let cfg: ModelConfig = "resnet:width=8,groups=4".parse().unwrap();
@@ -495,14 +505,6 @@ mod tests {
             let cfg: ModelConfig = spec.parse().unwrap();
             let model = ResNet::new(cfg, 3, 10, "gn:groups=8", ConvImpl::Fast, &varmap, 7).unwrap();
             (model, varmap)
-        };
-        let value = |vm: &VarMap, name: &str| -> Vec<f32> {
-            vm.data().lock().unwrap()[name]
-                .as_tensor()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap()
         };
         let ((_, one), (_, four)) = (build("resnet"), build("resnet:init-gain=4"));
         for name in ["stem.conv.weight", "fc.weight"] {
@@ -555,14 +557,6 @@ mod tests {
             )
             .unwrap();
             (model, varmap)
-        };
-        let value = |vm: &VarMap, name: &str| -> Vec<f32> {
-            vm.data().lock().unwrap()[name]
-                .as_tensor()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap()
         };
         let ((_, a), (_, b), (_, c)) = (build(1), build(1), build(2));
         let w = "stage2.block0.first.conv.weight";

@@ -43,10 +43,15 @@ pub fn axes(runs: &[RunRow], preferred: &[String]) -> (Vec<String>, Vec<usize>) 
 
 /// The distinct settings of `runs`' varied keys, ordered by their values (as numbers).
 pub fn settings_of<T: Varied>(runs: &[T]) -> Vec<Setting> {
+    distinct_settings(runs.iter().map(Varied::vary))
+}
+
+/// The distinct ones of `settings`, ordered by their values (as numbers).
+pub fn distinct_settings<'a>(settings: impl IntoIterator<Item = &'a Setting>) -> Vec<Setting> {
     let mut all: Vec<Setting> = Vec::new();
-    for r in runs {
-        if !all.contains(r.vary()) {
-            all.push(r.vary().clone());
+    for s in settings {
+        if !all.contains(s) {
+            all.push(s.clone());
         }
     }
     let number = |v: &str| v.parse::<f64>().unwrap_or(f64::NAN);
@@ -130,6 +135,8 @@ fn preferred_norms(dir: &Path) -> Vec<String> {
 /// A folder's finished runs and their epochs, read as a repair would leave them (without
 /// writing), with the normalizers and batch sizes in table order.
 pub struct Sweep {
+    /// The keys the sweep varies (from its manifest).
+    pub keys: Vec<String>,
     pub runs: Vec<RunRow>,
     pub epochs: Vec<EpochRow>,
     pub norms: Vec<String>,
@@ -148,6 +155,7 @@ impl Sweep {
         );
         let (norms, sizes) = axes(&c.runs, &preferred_norms(dir));
         Ok(Self {
+            keys,
             runs: c.runs,
             epochs: c.epochs,
             norms,

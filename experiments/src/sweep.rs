@@ -248,12 +248,6 @@ fn check_train(t: &TrainConfig) -> Result<()> {
         t.epochs,
         t.epochs
     );
-    let model: ModelConfig = t.model.parse()?;
-    ensure!(
-        (0.0..1.0).contains(&model.dropout),
-        "dropout {} is out of range; use [0, 1)",
-        model.dropout
-    );
     Ok(())
 }
 
@@ -751,16 +745,7 @@ mod tests {
             batch_sizes: vec![32, 2],
             seeds: vec![0, 1, 2],
             dataset: "synthetic".parse().unwrap(),
-            train: TrainConfig {
-                model: "resnet".into(),
-                epochs: 1,
-                base_lr: 0.1,
-                warmup_epochs: 1.0,
-                momentum: 0.9,
-                weight_decay: 5e-4,
-                large_eval_batch: 250,
-                conv: "fast".into(),
-            },
+            train: TrainConfig::for_tests(),
             vary: Vec::new(),
             shard: None,
         };

@@ -32,6 +32,21 @@ pub struct TrainConfig {
 }
 
 impl TrainConfig {
+    /// The default protocol at one epoch with one warm-up epoch: what unit tests start from.
+    #[cfg(test)]
+    pub fn for_tests() -> Self {
+        Self {
+            model: "resnet".into(),
+            epochs: 1,
+            base_lr: 0.1,
+            warmup_epochs: 1.0,
+            momentum: 0.9,
+            weight_decay: 5e-4,
+            large_eval_batch: 250,
+            conv: "fast".into(),
+        }
+    }
+
     /// This config with the values of a `--vary` setting in place of its own.
     pub fn with_setting(&self, setting: &Setting) -> Result<TrainConfig> {
         let mut cfg = self.clone();
@@ -278,16 +293,7 @@ mod tests {
 
     #[test]
     fn a_setting_replaces_the_configs_values() {
-        let cfg = TrainConfig {
-            model: "resnet".into(),
-            epochs: 6,
-            base_lr: 0.1,
-            warmup_epochs: 1.0,
-            momentum: 0.9,
-            weight_decay: 5e-4,
-            large_eval_batch: 250,
-            conv: "fast".into(),
-        };
+        let cfg = TrainConfig::for_tests();
         let axes = crate::vary::parse(
             &[
                 "base-lr=0.4",
