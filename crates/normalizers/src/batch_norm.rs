@@ -78,10 +78,7 @@ impl BatchNorm {
         )?;
         if let (Some(running), Stats::Train) = (&self.running, stats) {
             let (mean, var) = out.stat_values()?;
-            // The unbiased variance, as candle's `var * (m / (m − 1))` computes it.
-            let bessel = m as f64 / (m - 1) as f64;
-            let var: Vec<f64> = var.iter().map(|v| v * bessel + 0.0).collect();
-            running.update_values(&mean, &var)?;
+            running.observe(&mean, &var, m)?;
         }
         Ok(out.y)
     }
@@ -107,5 +104,19 @@ impl Normalizer for BatchNorm {
 
     fn running_stats(&self) -> Result<Option<(Tensor, Tensor)>> {
         self.running.as_ref().map(RunningStats::stored).transpose()
+    }
+
+    fn start_precise_stats(&self) -> Result<bool> {
+        match &self.running {
+            Some(running) => running.start_population().map(|_| true),
+            None => Ok(false),
+        }
+    }
+
+    fn finish_precise_stats(&self) -> Result<()> {
+        match &self.running {
+            Some(running) => running.finish_population(),
+            None => Ok(()),
+        }
     }
 }

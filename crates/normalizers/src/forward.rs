@@ -148,3 +148,48 @@ pub fn with_running_stats(
     let x3 = input::view3(x, d)?;
     input::unview(apply_affine(running.normalize(&x3, eps)?, affine)?, x)
 }
+
+/// One row of a per-sample layer's parameters: a (C) tensor, or the constant it is without the
+/// variable (a weight of 1 without `affine`).
+pub enum Row<'a> {
+    Var(&'a Tensor),
+    Const(f64),
+}
+
+impl Row<'_> {
+    fn tensor(&self, c: usize, dtype: DType, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Row::Var(t) => t.to_dtype(dtype),
+            Row::Const(v) => Tensor::full(*v, c, x.device())?.to_dtype(dtype),
+        }
+    }
+}
+
+/// The forward of a per-sample layer (`rms`, `frn`, `evonorm-s0`): the fused op where it runs
+/// (`rows` stacked in its order, see [`kernels::fused_sample_norm`]), else `reference` on `x`
+/// as (N, C, S) in the compute dtype with `rows` as tensors of that dtype.
+pub fn per_sample(
+    x: &Tensor,
+    d: InputDims,
+    layer: kernels::SampleLayer,
+    rows: &[Row],
+    eps: f64,
+    imp: Impl,
+    reference: impl FnOnce(&Tensor, &[Tensor]) -> Result<Tensor>,
+) -> Result<Tensor> {
+    let dtype = if use_kernels(x, imp) {
+        kernel_dtype(x.dtype())
+    } else {
+        reference::compute_dtype(x.dtype())
+    };
+    let rows = rows
+        .iter()
+        .map(|r| r.tensor(d.c, dtype, x))
+        .collect::<Result<Vec<_>>>()?;
+    if use_kernels(x, imp) {
+        let params = Tensor::stack(&rows, 0)?;
+        let y = kernels::fused_sample_norm(&x.to_dtype(dtype)?, &params, layer, eps)?;
+        return y.to_dtype(x.dtype());
+    }
+    input::unview(reference(&input::view3(x, d)?, &rows)?, x)
+}

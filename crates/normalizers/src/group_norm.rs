@@ -47,14 +47,10 @@ impl GroupNorm {
     ) -> Result<Self> {
         let Common { eps, affine, imp } = common;
         if groups == 0 || !num_channels.is_multiple_of(groups) {
-            let divisors: Vec<String> = (1..=num_channels)
-                .filter(|g| num_channels.is_multiple_of(*g))
-                .map(|g| g.to_string())
-                .collect();
             bail!(
                 "gn: groups={groups} does not divide num_channels={num_channels}; choose groups \
                  among {}",
-                divisors.join(", ")
+                divisors(num_channels)
             );
         }
         Ok(Self {
@@ -99,6 +95,15 @@ impl GroupNorm {
     pub(crate) fn affine(&self) -> &Option<Affine> {
         &self.affine
     }
+}
+
+/// The divisors of `c`, comma-separated: the group counts a layer of `c` channels takes.
+pub(crate) fn divisors(c: usize) -> String {
+    let divisors: Vec<String> = (1..=c)
+        .filter(|g| c.is_multiple_of(*g))
+        .map(|g| g.to_string())
+        .collect();
+    divisors.join(", ")
 }
 
 impl ModuleT for GroupNorm {

@@ -1,6 +1,8 @@
-//! Exact normalization layers for candle: BatchNorm, GroupNorm, LayerNorm and InstanceNorm (and
-//! `none`, the identity baseline) behind one [`Normalizer`] trait, built by name with
-//! [`from_spec`].
+//! Exact normalization layers for candle behind one [`Normalizer`] trait, built by name with
+//! [`from_spec`]: BatchNorm, GroupNorm, LayerNorm and InstanceNorm; the small-batch remedies
+//! Batch Renormalization (`brn`), Ghost BatchNorm (`ghostbn`) and PreciseBN (an evaluation
+//! mode, [`Normalizer::start_precise_stats`]); the batch-free RMSNorm (`rms`), FRN (`frn`) and
+//! EvoNorm-S0 (`evonorm-s0`); EvoNorm-B0 (`evonorm-b0`); and `none`, the identity baseline.
 //!
 //! Conventions are PyTorch's (and the GroupNorm paper's): normalize with the *biased* variance,
 //! store the *unbiased* one in `running_var`, `momentum` is the weight of the new batch, and the
@@ -26,7 +28,12 @@
 pub struct ReadmeDoctests;
 
 mod batch_norm;
+mod batch_renorm;
+mod evonorm_b0;
+mod evonorm_s0;
 mod forward;
+mod frn;
+mod ghost_batch_norm;
 mod group_norm;
 mod identity;
 mod input;
@@ -35,16 +42,24 @@ pub mod kernels;
 mod layer_norm;
 mod params;
 pub mod reference;
+mod rms_norm;
 pub mod spec;
 
 pub use batch_norm::BatchNorm;
+pub use batch_renorm::BatchRenorm;
+pub use evonorm_b0::EvoNormB0;
+pub use evonorm_s0::EvoNormS0;
+pub use frn::Frn;
+pub use ghost_batch_norm::GhostBatchNorm;
 pub use group_norm::GroupNorm;
 pub use identity::Identity;
 pub use instance_norm::InstanceNorm;
 pub use layer_norm::LayerNorm;
+pub use rms_norm::RmsNorm;
 pub use spec::{
-    BatchNormConfig, Common, GroupNormConfig, IdentityConfig, Impl, InstanceNormConfig,
-    LayerNormConfig, Momentum, NormSpec,
+    BatchNormConfig, BatchRenormConfig, Common, EvoNormB0Config, EvoNormS0Config, FrnConfig,
+    GhostBatchNormConfig, GroupNormConfig, IdentityConfig, Impl, InstanceNormConfig,
+    LayerNormConfig, Momentum, NormSpec, RmsNormConfig,
 };
 
 use candle_core::{bail, Result, Tensor};
@@ -75,6 +90,20 @@ pub trait Normalizer: candle_nn::ModuleT + std::fmt::Debug + Send + Sync {
     fn running_stats(&self) -> Result<Option<(Tensor, Tensor)>> {
         Ok(None)
     }
+
+    /// PreciseBN (Wu & Johnson 2021; fvcore's `update_bn_stats`): from now on, training-mode
+    /// forwards pool their batch statistics instead of updating the running ones, until
+    /// [`Normalizer::finish_precise_stats`] stores the pooled mean and biased variance of every
+    /// value seen (count-weighted). Returns whether the layer keeps such statistics (`bn`,
+    /// `brn`, `ghostbn`, `evonorm-b0`); the others ignore both calls.
+    fn start_precise_stats(&self) -> Result<bool> {
+        Ok(false)
+    }
+
+    /// Ends [`Normalizer::start_precise_stats`], storing the pooled statistics.
+    fn finish_precise_stats(&self) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// Builds the normalizer that `spec` names for `num_channels` channels, making its variables
@@ -94,5 +123,11 @@ pub fn build(spec: &NormSpec, num_channels: usize, vb: VarBuilder) -> Result<Box
         NormSpec::Layer(cfg) => Box::new(LayerNorm::new(*cfg, num_channels, vb)?),
         NormSpec::Instance(cfg) => Box::new(InstanceNorm::new(*cfg, num_channels, vb)?),
         NormSpec::Identity(cfg) => Box::new(Identity::new(*cfg, num_channels)),
+        NormSpec::Rms(cfg) => Box::new(RmsNorm::new(*cfg, num_channels, vb)?),
+        NormSpec::Frn(cfg) => Box::new(Frn::new(*cfg, num_channels, vb)?),
+        NormSpec::EvoNormS0(cfg) => Box::new(EvoNormS0::new(*cfg, num_channels, vb)?),
+        NormSpec::EvoNormB0(cfg) => Box::new(EvoNormB0::new(*cfg, num_channels, vb)?),
+        NormSpec::BatchRenorm(cfg) => Box::new(BatchRenorm::new(*cfg, num_channels, vb)?),
+        NormSpec::GhostBatch(cfg) => Box::new(GhostBatchNorm::new(*cfg, num_channels, vb)?),
     })
 }

@@ -4,6 +4,7 @@
 use crate::spec::Momentum;
 use candle_core::{DType, Result, Tensor, Var};
 use candle_nn::{Init, VarBuilder};
+use std::sync::{Arc, Mutex};
 
 /// `weight` (init 1) and `bias` (init 0), each of shape (C).
 #[derive(Debug, Clone)]
@@ -36,12 +37,19 @@ pub fn apply_affine(xhat: Tensor, affine: &Option<Affine>) -> Result<Tensor> {
 /// `running_mean` (init 0) and `running_var` (init 1), each of shape (C), updated PyTorch's way:
 /// `running = (1 − f)·running + f·batch` with f the momentum, or f = 1/k at the k-th update for a
 /// cumulative average (`momentum=none`, which also keeps the count k in `num_batches_tracked`).
-/// `running_var` stores the *unbiased* batch variance.
+/// `running_var` stores the *unbiased* batch variance. EvoNorm-B0 keeps the variance alone.
+///
+/// Between [`RunningStats::start_population`] and [`RunningStats::finish_population`] (PreciseBN,
+/// Wu & Johnson 2021, as fvcore's `update_bn_stats`), batches are pooled instead: the stored
+/// statistics become the mean and the *biased* variance of every value observed, each batch
+/// weighted by its count (fvcore's `_PopulationVarianceEstimator`; pooled here with Chan's
+/// update in f64 rather than fvcore's E[x²] − E[x]²).
 #[derive(Debug, Clone)]
 pub struct RunningStats {
-    mean: Var,
+    mean: Option<Var>,
     var: Var,
     update: Update,
+    population: Arc<Mutex<Option<Population>>>,
 }
 
 #[derive(Debug, Clone)]
@@ -51,11 +59,41 @@ enum Update {
     Cumulative(Var),
 }
 
+/// The pooled statistics of the batches observed so far.
+#[derive(Debug, Clone, Default)]
+struct Population {
+    count: f64,
+    mean: Vec<f64>,
+    /// Sums of squared deviations from `mean`.
+    m2: Vec<f64>,
+}
+
+impl Population {
+    /// Chan et al.'s pairwise update with a batch of `n` values per channel.
+    fn add(&mut self, mean: &[f64], var_biased: &[f64], n: f64) {
+        if self.mean.is_empty() {
+            (self.mean, self.m2) = (vec![0.0; mean.len()], vec![0.0; mean.len()]);
+        }
+        let total = self.count + n;
+        for c in 0..mean.len() {
+            let delta = mean[c] - self.mean[c];
+            self.mean[c] += delta * n / total;
+            self.m2[c] += var_biased[c] * n + delta * delta * self.count * n / total;
+        }
+        self.count = total;
+    }
+}
+
 impl RunningStats {
     pub fn new(num_channels: usize, momentum: Momentum, vb: &VarBuilder) -> Result<Self> {
-        let get = |name: &str, init: f64| -> Result<Var> {
-            Var::from_tensor(&vb.get_with_hints(num_channels, name, Init::Const(init))?)
-        };
+        let mut stats = Self::var_only(num_channels, momentum, vb)?;
+        let mean = vb.get_with_hints(num_channels, "running_mean", Init::Const(0.0))?;
+        stats.mean = Some(Var::from_tensor(&mean)?);
+        Ok(stats)
+    }
+
+    /// `running_var` alone (EvoNorm-B0's).
+    pub fn var_only(num_channels: usize, momentum: Momentum, vb: &VarBuilder) -> Result<Self> {
         let update = match momentum {
             Momentum::Exponential(m) => Update::Exponential(m),
             Momentum::Cumulative => Update::Cumulative(Var::from_tensor(&vb.get_with_hints(
@@ -64,10 +102,12 @@ impl RunningStats {
                 Init::Const(0.0),
             )?)?),
         };
+        let var = vb.get_with_hints(num_channels, "running_var", Init::Const(1.0))?;
         Ok(Self {
-            mean: get("running_mean", 0.0)?,
-            var: get("running_var", 1.0)?,
+            mean: None,
+            var: Var::from_tensor(&var)?,
             update,
+            population: Arc::default(),
         })
     }
 
@@ -85,23 +125,86 @@ impl RunningStats {
     /// Normalizes `x3` (N, C, S) with the running statistics, which get no gradient.
     pub fn normalize(&self, x3: &Tensor, eps: f64) -> Result<Tensor> {
         let dtype = x3.dtype();
-        let mean = self.mean.as_detached_tensor().to_dtype(dtype)?;
-        let var = self.var.as_detached_tensor().to_dtype(dtype)?;
-        crate::reference::normalize_per_channel(x3, &mean, &var, eps)
+        let (mean, var) = self.stored()?;
+        crate::reference::normalize_per_channel(
+            x3,
+            &mean.to_dtype(dtype)?,
+            &var.to_dtype(dtype)?,
+            eps,
+        )
     }
 
-    /// The running mean and variance as stored, detached.
+    /// The running mean (zeros where only the variance is kept) and variance as stored,
+    /// detached.
     pub fn stored(&self) -> Result<(Tensor, Tensor)> {
-        Ok((
-            self.mean.as_detached_tensor(),
-            self.var.as_detached_tensor(),
-        ))
+        let var = self.var.as_detached_tensor();
+        let mean = match &self.mean {
+            Some(m) => m.as_detached_tensor(),
+            None => var.zeros_like()?,
+        };
+        Ok((mean, var))
+    }
+
+    /// The running variance as stored, detached.
+    pub fn stored_var(&self) -> Tensor {
+        self.var.as_detached_tensor()
     }
 
     /// Folds in one batch's per-channel mean and *unbiased* variance, each of shape (C).
     pub fn update(&self, batch_mean: &Tensor, batch_var_unbiased: &Tensor) -> Result<()> {
         let values = |t: &Tensor| t.detach().to_dtype(DType::F64)?.to_vec1::<f64>();
         self.update_values(&values(batch_mean)?, &values(batch_var_unbiased)?)
+    }
+
+    /// Observes one training batch of `count` values per channel with mean `mean` and *biased*
+    /// variance `var`: folds it into the running statistics (with the unbiased variance,
+    /// var·count/(count − 1)), or pools it while a population is being gathered.
+    pub fn observe(&self, mean: &[f64], var: &[f64], count: usize) -> Result<()> {
+        if let Some(pop) = self.lock()?.as_mut() {
+            pop.add(mean, var, count as f64);
+            return Ok(());
+        }
+        // The unbiased variance, as candle's `var * (m / (m − 1))` computes it.
+        let bessel = count as f64 / (count - 1) as f64;
+        let var: Vec<f64> = var.iter().map(|v| v * bessel + 0.0).collect();
+        self.update_values(mean, &var)
+    }
+
+    fn lock(&self) -> Result<std::sync::MutexGuard<'_, Option<Population>>> {
+        self.population
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("running statistics: poisoned lock".into()))
+    }
+
+    /// Whether a population is being gathered (see [`RunningStats::start_population`]).
+    pub fn gathering(&self) -> Result<bool> {
+        Ok(self.lock()?.is_some())
+    }
+
+    /// Starts gathering the population statistics (PreciseBN): training batches are pooled,
+    /// not folded in, until [`RunningStats::finish_population`].
+    pub fn start_population(&self) -> Result<()> {
+        *self.lock()? = Some(Population::default());
+        Ok(())
+    }
+
+    /// Stores the pooled mean and biased variance as the running statistics and returns to
+    /// the usual updates. An error if no batch was observed.
+    pub fn finish_population(&self) -> Result<()> {
+        let Some(pop) = self.lock()?.take() else {
+            candle_core::bail!("precise statistics: finish without start");
+        };
+        if pop.count == 0.0 {
+            candle_core::bail!(
+                "precise statistics: no training batch passed through the layer; run the \
+                 training set through the model in training mode between start and finish"
+            );
+        }
+        let var: Vec<f64> = pop.m2.iter().map(|m2| m2 / pop.count).collect();
+        if let Some(mean) = &self.mean {
+            set_values(mean, pop.mean)?;
+        }
+        set_values(&self.var, var)
     }
 
     /// [`RunningStats::update`] with the batch's statistics as values, in plain f64 arithmetic
@@ -138,12 +241,19 @@ impl RunningStats {
                 .zip(batch)
                 .map(|(&o, &b)| (o * (1.0 - factor) + 0.0) + (b * factor + 0.0))
                 .collect();
-            let new = Tensor::from_vec(new, running.shape(), running.device())?;
-            running.set(&new.to_dtype(running.dtype())?)
+            set_values(running, new)
         };
-        blend(&self.mean, batch_mean)?;
+        if let Some(mean) = &self.mean {
+            blend(mean, batch_mean)?;
+        }
         blend(&self.var, batch_var_unbiased)
     }
+}
+
+/// Stores f64 `values` in `var`, in its dtype.
+fn set_values(var: &Var, values: Vec<f64>) -> Result<()> {
+    let t = Tensor::from_vec(values, var.shape(), var.device())?;
+    var.set(&t.to_dtype(var.dtype())?)
 }
 
 #[cfg(test)]
@@ -172,10 +282,7 @@ mod tests {
                 let varmap = VarMap::new();
                 let vb = VarBuilder::from_varmap(&varmap, dtype, &Device::Cpu);
                 let stats = RunningStats::new(6, momentum, &vb).unwrap();
-                let (mut mean, mut var) = (
-                    stats.mean.as_tensor().clone(),
-                    stats.var.as_tensor().clone(),
-                );
+                let (mut mean, mut var) = stats.stored().unwrap();
                 for (k, (bm, bv)) in batches.iter().enumerate() {
                     let f = match momentum {
                         Momentum::Exponential(m) => m,

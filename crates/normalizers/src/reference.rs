@@ -66,3 +66,80 @@ pub fn affine(xhat: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
     let bias = bias.to_dtype(dtype)?.reshape((1, c, 1))?;
     xhat.broadcast_mul(&weight)?.broadcast_add(&bias)
 }
+
+/// Per-channel parameter `p` (C) as (1, C, 1) in `dtype`.
+fn per_channel(p: &Tensor, dtype: DType) -> Result<Tensor> {
+    p.to_dtype(dtype)?.reshape((1, p.dim(0)?, 1))
+}
+
+/// 1 / (1 + exp(−z)), composed so that autograd differentiates it.
+fn sigmoid(z: &Tensor) -> Result<Tensor> {
+    (z.neg()?.exp()? + 1.0)?.recip()
+}
+
+/// RMSNorm of each sample over (C, S): x / sqrt(mean(x²) + eps) · weight[c].
+pub fn rms_norm(x3: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    let ms = x3.sqr()?.mean_keepdim(&[1, 2][..])?;
+    let y = x3.broadcast_mul(&(ms + eps)?.sqrt()?.recip()?)?;
+    y.broadcast_mul(&per_channel(weight, x3.dtype())?)
+}
+
+/// FRN of each (sample, channel) over S, with the affine transform and, given `tau`, the TLU:
+/// max(weight[c] · x / sqrt(mean(x²) + eps) + bias[c], tau[c]).
+pub fn frn(
+    x3: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    tau: Option<&Tensor>,
+    eps: f64,
+) -> Result<Tensor> {
+    let nu2 = x3.sqr()?.mean_keepdim(2)?;
+    let xhat = x3.broadcast_mul(&(nu2 + eps)?.sqrt()?.recip()?)?;
+    let y = affine(&xhat, weight, bias)?;
+    match tau {
+        Some(tau) => y.broadcast_maximum(&per_channel(tau, x3.dtype())?),
+        None => Ok(y),
+    }
+}
+
+/// EvoNorm-S0: x · sigmoid(v[c] · x) / sqrt(var + eps) · weight[c] + bias[c], var the biased
+/// variance of the sample's group of C/groups consecutive channels over (C/groups, S).
+pub fn evonorm_s0(
+    x3: &Tensor,
+    groups: usize,
+    weight: &Tensor,
+    bias: &Tensor,
+    v: &Tensor,
+    eps: f64,
+) -> Result<Tensor> {
+    let (n, c, s) = x3.dims3()?;
+    if groups == 0 || c % groups != 0 {
+        bail!("reference evonorm_s0: {c} channels do not split into {groups} groups");
+    }
+    let (_, var) = moments(&x3.reshape((n, groups, (c / groups) * s))?, &[2])?;
+    let rstd = (var + eps)?.sqrt()?.recip()?; // (N, G, 1)
+    let gate = sigmoid(&x3.broadcast_mul(&per_channel(v, x3.dtype())?)?)?;
+    let num = (x3 * gate)?.reshape((n, groups, (c / groups) * s))?;
+    affine(&num.broadcast_mul(&rstd)?.reshape((n, c, s))?, weight, bias)
+}
+
+/// EvoNorm-B0: x / max(sqrt(var_batch + eps), v[c] · x + sqrt(var_inst + eps)) · weight[c] +
+/// bias[c]. `var_batch` (C): the channel's batch variance in training, the running variance in
+/// evaluation; var_inst the biased variance of each (sample, channel) over S.
+pub fn evonorm_b0(
+    x3: &Tensor,
+    var_batch: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    v: &Tensor,
+    eps: f64,
+) -> Result<Tensor> {
+    let dtype = x3.dtype();
+    let left = (per_channel(var_batch, dtype)? + eps)?.sqrt()?;
+    let (_, var_inst) = moments(x3, &[2])?;
+    let right = x3
+        .broadcast_mul(&per_channel(v, dtype)?)?
+        .broadcast_add(&(var_inst + eps)?.sqrt()?)?;
+    let denom = right.broadcast_maximum(&left)?;
+    affine(&(x3 / denom)?, weight, bias)
+}

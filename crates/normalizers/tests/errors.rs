@@ -88,7 +88,7 @@ fn out_of_range_values_are_named() {
     );
     assert_mentions(
         &spec_error("in:momentum=none", 4),
-        &["momentum=none", "only supported for bn"],
+        &["momentum=none", "not supported for in"],
     );
 }
 
@@ -272,5 +272,62 @@ mod kernel_operands {
                 .to_string();
             assert_mentions(&e, &["4 channels", "groups"]);
         }
+    }
+}
+
+#[test]
+fn the_remedies_and_batch_free_layers_refuse_bad_specs_by_name() {
+    assert_mentions(
+        &spec_error("frn:groups=2", 4),
+        &["unknown option \"groups\"", "frn", "tlu, eps, affine, impl"],
+    );
+    assert_mentions(
+        &spec_error("evonorm-s0:groups=3", 4),
+        &[
+            "evonorm-s0",
+            "groups=3 does not divide num_channels=4",
+            "1, 2, 4",
+        ],
+    );
+    assert_mentions(
+        &spec_error("ghostbn:virtual=0", 4),
+        &["virtual=\"0\"", "at least 1"],
+    );
+    assert_mentions(&spec_error("ghostbn", 4), &["ghostbn needs virtual=K"]);
+    assert_mentions(
+        &spec_error("brn:rmax=0.9", 4),
+        &["rmax=0.9", "rmax must be >= 1"],
+    );
+    assert_mentions(
+        &spec_error("brn:dmax=-0.1", 4),
+        &["dmax=-0.1", "dmax must be >= 0"],
+    );
+    for spec in [
+        "rms:eps=0",
+        "frn:eps=-1",
+        "evonorm-b0:eps=0",
+        "brn:eps=0",
+        "ghostbn:virtual=2,eps=0",
+    ] {
+        assert_mentions(&spec_error(spec, 4), &["eps must be > 0"]);
+    }
+    assert_mentions(
+        &spec_error("rms:impl=fast", 4),
+        &["impl=\"fast\"", "fused or reference"],
+    );
+}
+
+#[test]
+fn batch_layers_refuse_one_value_per_channel_in_training() {
+    for spec in ["brn", "evonorm-b0", "ghostbn:virtual=1"] {
+        let e = forward_error(spec, 3, &[1, 3], true);
+        assert_mentions(&e, &["more than 1 value per channel", "[1, 3]"]);
+    }
+    // ghostbn: a ragged last chunk of one sample without spatial values is one value.
+    let e = forward_error("ghostbn:virtual=2", 3, &[5, 3], true);
+    assert_mentions(&e, &["more than 1 value per channel", "[1, 3]"]);
+    for spec in ["rms", "frn", "evonorm-s0:groups=3", "brn", "evonorm-b0"] {
+        let e = forward_error(spec, 3, &[2, 4, 5], true);
+        assert_mentions(&e, &["input has 4 channels", "built for 3"]);
     }
 }

@@ -7,7 +7,7 @@ use candle_core::{DType, Var};
 use common::{assert_close, randomize_affine, reference_of, seeded, to_f64, var, weighted_sum};
 use proptest::prelude::*;
 
-const SPECS: [&str; 9] = [
+const SPECS: [&str; 16] = [
     "bn",
     "bn:momentum=none,eps=1e-3",
     "bn:affine=false",
@@ -17,6 +17,13 @@ const SPECS: [&str; 9] = [
     "in",
     "in:track_running_stats=true",
     "in:affine=false",
+    "rms",
+    "rms:affine=false",
+    "frn",
+    "frn:tlu=false,affine=false",
+    "evonorm-s0:groups=2",
+    "evonorm-s0:groups=1,affine=false",
+    "brn:rmax=1.5,dmax=0.5",
 ];
 
 /// Output, gradients and running statistics after two training steps and one evaluation.
@@ -54,7 +61,7 @@ fn outcome(
             format!("dx{step}"),
             to_f64(grads.get(xv.as_tensor()).unwrap()),
         ));
-        for name in ["weight", "bias"] {
+        for name in ["weight", "bias", "tau", "v"] {
             if let Some(v) = var(&varmap, name) {
                 out.push((
                     format!("d{name}{step}"),
@@ -84,7 +91,7 @@ fn shape_strategy() -> impl Strategy<Value = Vec<usize>> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(48))]
+    #![proptest_config(ProptestConfig::with_cases(64))]
 
     #[test]
     fn fused_kernels_match_the_reference_ops(

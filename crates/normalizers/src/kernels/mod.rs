@@ -35,9 +35,11 @@ mod lanes;
 mod normalize;
 mod ops;
 mod parallel;
+mod sample;
 
 pub use geom::{Sets, Stats};
 pub use ops::{
     fused_backward, fused_normalize, fused_normalize_fixed, fused_normalize_lean, lean_keeps_stats,
     SharedStats,
 };
+pub use sample::{fused_sample_norm, SampleLayer};

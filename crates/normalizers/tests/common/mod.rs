@@ -56,11 +56,17 @@ pub fn seeded(shape: &[usize], seed: u64, offset: f64, scale: f64) -> Tensor {
     Tensor::from_vec(values, shape, &Device::Cpu).unwrap()
 }
 
-/// Sets `weight` and `bias` (where the normalizer has them) to seeded values.
+/// Sets `weight`, `bias`, `tau` and `v` (where the normalizer has them) to seeded values.
 pub fn randomize_affine(varmap: &VarMap, c: usize, seed: u64) {
-    for (i, name) in ["weight", "bias"].iter().enumerate() {
+    let params = [
+        ("weight", 1.0, 0.5),
+        ("bias", 0.0, 0.5),
+        ("tau", -0.2, 0.3),
+        ("v", 0.5, 0.8),
+    ];
+    for (i, (name, offset, scale)) in params.iter().enumerate() {
         if let Some(v) = var(varmap, name) {
-            let t = seeded(&[c], seed + i as u64, 1.0 - i as f64, 0.5);
+            let t = seeded(&[c], seed + i as u64, *offset, *scale);
             v.set(&t.to_dtype(v.dtype()).unwrap()).unwrap();
         }
     }

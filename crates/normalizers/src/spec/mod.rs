@@ -1,13 +1,21 @@
 //! Spec strings: the one name a normalizer has in configs, on command lines, in CSVs and plots.
 //!
 //! Grammar: `NAME` or `NAME:key=value,key=value`. Names are case-insensitive: `bn` (`batch`),
-//! `gn` (`group`), `ln` (`layer`), `in` (`instance`), `none` (`identity`). [`NormSpec`]'s `Display` is the canonical
+//! `gn` (`group`), `ln` (`layer`), `in` (`instance`), `none` (`identity`), `rms` (`rmsnorm`),
+//! `frn` (`filter_response`), `evonorm-s0` (`evonorm_s0`), `evonorm-b0` (`evonorm_b0`), `brn`
+//! (`batch_renorm`), `ghostbn` (`ghost_batch`). [`NormSpec`]'s `Display` is the canonical
 //! form: the short name followed by the options that differ from their defaults, in a fixed order,
 //! so that `spec.to_string().parse::<NormSpec>() == Ok(spec)`.
+
+mod configs;
+mod values;
+
+pub use configs::*;
 
 use candle_core::{bail, Result};
 use std::fmt;
 use std::str::FromStr;
+use values::*;
 
 /// Weight of the new batch in a running-statistics update (PyTorch's `momentum`).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -54,92 +62,6 @@ pub struct Common {
     pub imp: Impl,
 }
 
-impl Default for Common {
-    fn default() -> Self {
-        Self {
-            eps: DEFAULT_EPS,
-            affine: true,
-            imp: Impl::Fused,
-        }
-    }
-}
-
-/// `bn`'s options.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct BatchNormConfig {
-    pub momentum: Momentum,
-    pub track_running_stats: bool,
-    pub common: Common,
-}
-
-impl Default for BatchNormConfig {
-    fn default() -> Self {
-        Self {
-            momentum: DEFAULT_MOMENTUM,
-            track_running_stats: true,
-            common: Common::default(),
-        }
-    }
-}
-
-/// `gn`'s options.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct GroupNormConfig {
-    pub groups: usize,
-    pub common: Common,
-}
-
-impl Default for GroupNormConfig {
-    fn default() -> Self {
-        Self {
-            groups: DEFAULT_GROUPS,
-            common: Common::default(),
-        }
-    }
-}
-
-/// `ln`'s options.
-#[derive(Debug, Clone, Copy, PartialEq, Default)]
-pub struct LayerNormConfig {
-    pub common: Common,
-}
-
-/// `in`'s options (running statistics off by default, as PyTorch's InstanceNorm).
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct InstanceNormConfig {
-    pub track_running_stats: bool,
-    pub momentum: Momentum,
-    pub common: Common,
-}
-
-impl Default for InstanceNormConfig {
-    fn default() -> Self {
-        Self {
-            track_running_stats: false,
-            momentum: DEFAULT_MOMENTUM,
-            common: Common::default(),
-        }
-    }
-}
-
-/// `none`'s options: `eps` and `impl` are accepted, as every normalizer takes them, and change
-/// nothing; it has no weight or bias (`affine` is false).
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct IdentityConfig {
-    pub common: Common,
-}
-
-impl Default for IdentityConfig {
-    fn default() -> Self {
-        Self {
-            common: Common {
-                affine: false,
-                ..Common::default()
-            },
-        }
-    }
-}
-
 /// A parsed spec string: one normalizer's config. Build one with [`str::parse`], print it with
 /// `Display`.
 #[derive(Debug, Clone, PartialEq)]
@@ -149,18 +71,26 @@ pub enum NormSpec {
     Layer(LayerNormConfig),
     Instance(InstanceNormConfig),
     Identity(IdentityConfig),
+    Rms(RmsNormConfig),
+    Frn(FrnConfig),
+    EvoNormS0(EvoNormS0Config),
+    EvoNormB0(EvoNormB0Config),
+    BatchRenorm(BatchRenormConfig),
+    GhostBatch(GhostBatchNormConfig),
 }
 
 pub const DEFAULT_EPS: f64 = 1e-5;
 pub const DEFAULT_MOMENTUM: Momentum = Momentum::Exponential(0.1);
 pub const DEFAULT_GROUPS: usize = 32;
 
-const NAMES: &str = "bn (batch), gn (group), ln (layer), in (instance), none (identity)";
+const NAMES: &str = "bn (batch), gn (group), ln (layer), in (instance), none (identity), \
+                     rms (rmsnorm), frn (filter_response), evonorm-s0, evonorm-b0, brn \
+                     (batch_renorm), ghostbn (ghost_batch)";
 
 /// Each normalizer's short name, long alias and options, in canonical order: what parsing
 /// accepts, what `Display` prints (where an option differs from its default) and what error
 /// messages list.
-const KEYS: [(&str, &str, &[&str]); 5] = [
+const KEYS: [(&str, &str, &[&str]); 11] = [
     (
         "bn",
         "batch",
@@ -174,6 +104,37 @@ const KEYS: [(&str, &str, &[&str]); 5] = [
         &["eps", "affine", "track_running_stats", "momentum", "impl"],
     ),
     ("none", "identity", &["eps", "impl"]),
+    ("rms", "rmsnorm", &["eps", "affine", "impl"]),
+    ("frn", "filter_response", &["tlu", "eps", "affine", "impl"]),
+    (
+        "evonorm-s0",
+        "evonorm_s0",
+        &["groups", "eps", "affine", "impl"],
+    ),
+    (
+        "evonorm-b0",
+        "evonorm_b0",
+        &["momentum", "eps", "affine", "impl"],
+    ),
+    (
+        "brn",
+        "batch_renorm",
+        &[
+            "rmax", "dmax", "warmup", "momentum", "eps", "affine", "impl",
+        ],
+    ),
+    (
+        "ghostbn",
+        "ghost_batch",
+        &[
+            "virtual",
+            "momentum",
+            "eps",
+            "affine",
+            "track_running_stats",
+            "impl",
+        ],
+    ),
 ];
 
 impl NormSpec {
@@ -205,11 +166,18 @@ impl NormSpec {
             "gn" => NormSpec::group(DEFAULT_GROUPS),
             "ln" => NormSpec::layer(),
             "in" => NormSpec::instance(),
+            "rms" => NormSpec::Rms(RmsNormConfig::default()),
+            "frn" => NormSpec::Frn(FrnConfig::default()),
+            "evonorm-s0" => NormSpec::EvoNormS0(EvoNormS0Config::default()),
+            "evonorm-b0" => NormSpec::EvoNormB0(EvoNormB0Config::default()),
+            "brn" => NormSpec::BatchRenorm(BatchRenormConfig::default()),
+            "ghostbn" => NormSpec::GhostBatch(GhostBatchNormConfig::default()),
             _ => NormSpec::Identity(IdentityConfig::default()),
         })
     }
 
-    /// The canonical short name: `bn`, `gn`, `ln`, `in` or `none`.
+    /// The canonical short name: `bn`, `gn`, `ln`, `in`, `none`, `rms`, `frn`, `evonorm-s0`,
+    /// `evonorm-b0`, `brn` or `ghostbn`.
     pub fn name(&self) -> &'static str {
         match self {
             NormSpec::Batch(_) => "bn",
@@ -217,6 +185,12 @@ impl NormSpec {
             NormSpec::Layer(_) => "ln",
             NormSpec::Instance(_) => "in",
             NormSpec::Identity(_) => "none",
+            NormSpec::Rms(_) => "rms",
+            NormSpec::Frn(_) => "frn",
+            NormSpec::EvoNormS0(_) => "evonorm-s0",
+            NormSpec::EvoNormB0(_) => "evonorm-b0",
+            NormSpec::BatchRenorm(_) => "brn",
+            NormSpec::GhostBatch(_) => "ghostbn",
         }
     }
 
@@ -234,6 +208,12 @@ impl NormSpec {
             NormSpec::Layer(c) => &c.common,
             NormSpec::Instance(c) => &c.common,
             NormSpec::Identity(c) => &c.common,
+            NormSpec::Rms(c) => &c.common,
+            NormSpec::Frn(c) => &c.common,
+            NormSpec::EvoNormS0(c) => &c.common,
+            NormSpec::EvoNormB0(c) => &c.common,
+            NormSpec::BatchRenorm(c) => &c.common,
+            NormSpec::GhostBatch(c) => &c.bn.common,
         }
     }
 
@@ -244,6 +224,12 @@ impl NormSpec {
             NormSpec::Layer(c) => &mut c.common,
             NormSpec::Instance(c) => &mut c.common,
             NormSpec::Identity(c) => &mut c.common,
+            NormSpec::Rms(c) => &mut c.common,
+            NormSpec::Frn(c) => &mut c.common,
+            NormSpec::EvoNormS0(c) => &mut c.common,
+            NormSpec::EvoNormB0(c) => &mut c.common,
+            NormSpec::BatchRenorm(c) => &mut c.common,
+            NormSpec::GhostBatch(c) => &mut c.bn.common,
         }
     }
 
@@ -261,7 +247,13 @@ impl NormSpec {
 
     /// Whether the output of one sample depends on the other samples of the batch in training.
     pub fn uses_batch_statistics(&self) -> bool {
-        matches!(self, NormSpec::Batch(_))
+        matches!(
+            self,
+            NormSpec::Batch(_)
+                | NormSpec::BatchRenorm(_)
+                | NormSpec::GhostBatch(_)
+                | NormSpec::EvoNormB0(_)
+        )
     }
 
     /// The value of option `key` (one of [`KEYS`]'), as it prints.
@@ -273,9 +265,21 @@ impl NormSpec {
             (_, "impl") => c.imp.to_string(),
             (NormSpec::Batch(b), "momentum") => b.momentum.to_string(),
             (NormSpec::Instance(i), "momentum") => i.momentum.to_string(),
+            (NormSpec::EvoNormB0(e), "momentum") => e.momentum.to_string(),
+            (NormSpec::BatchRenorm(r), "momentum") => r.momentum.to_string(),
+            (NormSpec::GhostBatch(g), "momentum") => g.bn.momentum.to_string(),
             (NormSpec::Batch(b), "track_running_stats") => b.track_running_stats.to_string(),
             (NormSpec::Instance(i), "track_running_stats") => i.track_running_stats.to_string(),
+            (NormSpec::GhostBatch(g), "track_running_stats") => {
+                g.bn.track_running_stats.to_string()
+            }
             (NormSpec::Group(g), "groups") => g.groups.to_string(),
+            (NormSpec::EvoNormS0(e), "groups") => e.groups.to_string(),
+            (NormSpec::Frn(f), "tlu") => f.tlu.to_string(),
+            (NormSpec::BatchRenorm(r), "rmax") => r.rmax.to_string(),
+            (NormSpec::BatchRenorm(r), "dmax") => r.dmax.to_string(),
+            (NormSpec::BatchRenorm(r), "warmup") => r.warmup.to_string(),
+            (NormSpec::GhostBatch(g), "virtual") => g.virtual_size.to_string(),
             _ => String::new(),
         }
     }
@@ -298,81 +302,74 @@ impl NormSpec {
                 self.keys().join(", ")
             );
         }
+        const COUNTED: &str = "brn's num_batches_tracked counts its training steps";
         match (self, key) {
             (s, "eps") => s.common_mut().eps = parse_eps(value)?,
             (s, "affine") => s.common_mut().affine = parse_bool(key, value)?,
             (s, "impl") => s.common_mut().imp = parse_impl(value)?,
-            (NormSpec::Batch(b), "momentum") => b.momentum = parse_momentum(value, true)?,
-            (NormSpec::Instance(i), "momentum") => i.momentum = parse_momentum(value, false)?,
+            (NormSpec::Batch(b), "momentum") => b.momentum = parse_momentum(value, "bn", None)?,
+            (NormSpec::Instance(i), "momentum") => i.momentum = parse_momentum(
+                value,
+                "in",
+                Some(
+                    "PyTorch's InstanceNorm silently stops updating its running statistics with it",
+                ),
+            )?,
+            (NormSpec::EvoNormB0(e), "momentum") => {
+                e.momentum = parse_momentum(value, "evonorm-b0", None)?
+            }
+            (NormSpec::GhostBatch(g), "momentum") => {
+                g.bn.momentum = parse_momentum(value, "ghostbn", None)?
+            }
+            (NormSpec::BatchRenorm(r), "momentum") => {
+                r.momentum = match parse_momentum(value, "brn", Some(COUNTED))? {
+                    Momentum::Exponential(m) => m,
+                    Momentum::Cumulative => unreachable!("refused above"),
+                }
+            }
             (NormSpec::Batch(b), "track_running_stats") => {
                 b.track_running_stats = parse_bool(key, value)?
             }
             (NormSpec::Instance(i), "track_running_stats") => {
                 i.track_running_stats = parse_bool(key, value)?
             }
-            (NormSpec::Group(g), "groups") => g.groups = parse_groups(value)?,
+            (NormSpec::GhostBatch(g), "track_running_stats") => {
+                g.bn.track_running_stats = parse_bool(key, value)?
+            }
+            (NormSpec::Group(g), "groups") => g.groups = parse_count(key, value, 1)?,
+            (NormSpec::EvoNormS0(e), "groups") => e.groups = parse_count(key, value, 1)?,
+            (NormSpec::Frn(f), "tlu") => f.tlu = parse_bool(key, value)?,
+            (NormSpec::BatchRenorm(r), "rmax") => {
+                r.rmax = parse_at_least(key, value, 1.0, "rmax must be >= 1 (1 clips r to 1)")?
+            }
+            (NormSpec::BatchRenorm(r), "dmax") => {
+                r.dmax = parse_at_least(key, value, 0.0, "dmax must be >= 0 (0 clips d to 0)")?
+            }
+            (NormSpec::BatchRenorm(r), "warmup") => r.warmup = parse_count(key, value, 0)?,
+            (NormSpec::GhostBatch(g), "virtual") => {
+                g.virtual_size = parse_count(key, value, 1).map_err(|_| {
+                    candle_core::Error::Msg(format!(
+                        "option virtual={value:?} is not a virtual batch size: use a whole \
+                         number of at least 1 (e.g. ghostbn:virtual=2)"
+                    ))
+                })?
+            }
             (s, key) => bail!("option \"{key}\" of {} has no setter", s.name()),
         }
         Ok(())
     }
-}
 
-fn parse_impl(value: &str) -> Result<Impl> {
-    match value.to_ascii_lowercase().as_str() {
-        "fused" => Ok(Impl::Fused),
-        "reference" => Ok(Impl::Reference),
-        _ => bail!("option impl={value:?} is not an implementation; use fused or reference"),
-    }
-}
-
-fn parse_f64(key: &str, value: &str) -> Result<f64> {
-    match value.parse::<f64>() {
-        Ok(v) if v.is_finite() => Ok(v),
-        _ => bail!("option {key}={value:?} is not a finite number"),
-    }
-}
-
-fn parse_eps(value: &str) -> Result<f64> {
-    let eps = parse_f64("eps", value)?;
-    if eps <= 0.0 {
-        bail!("option eps={value} is out of range: eps must be > 0 (the default is 1e-5)");
-    }
-    Ok(eps)
-}
-
-fn parse_bool(key: &str, value: &str) -> Result<bool> {
-    match value.to_ascii_lowercase().as_str() {
-        "true" => Ok(true),
-        "false" => Ok(false),
-        _ => bail!("option {key}={value:?} is not a boolean; use true or false"),
-    }
-}
-
-fn parse_momentum(value: &str, allow_cumulative: bool) -> Result<Momentum> {
-    if value.eq_ignore_ascii_case("none") {
-        if allow_cumulative {
-            return Ok(Momentum::Cumulative);
+    /// Refuses a spec that lacks a required option.
+    fn check_complete(&self, s: &str) -> Result<()> {
+        if let NormSpec::GhostBatch(g) = self {
+            if g.virtual_size == 0 {
+                bail!(
+                    "spec \"{s}\" lacks the virtual batch size: ghostbn needs virtual=K, the \
+                     number of samples each ghost batch normalizes (e.g. ghostbn:virtual=2)"
+                );
+            }
         }
-        bail!(
-            "option momentum=none is only supported for bn; PyTorch's InstanceNorm silently \
-             stops updating its running statistics with it. Use a number in [0, 1]"
-        );
-    }
-    let m = parse_f64("momentum", value).map_err(|_| {
-        candle_core::Error::Msg(format!(
-            "option momentum={value:?} is not a number in [0, 1] or none"
-        ))
-    })?;
-    if !(0.0..=1.0).contains(&m) {
-        bail!("option momentum={value} is out of range: use a number in [0, 1] or none");
-    }
-    Ok(Momentum::Exponential(m))
-}
-
-fn parse_groups(value: &str) -> Result<usize> {
-    match value.parse::<usize>() {
-        Ok(g) if g > 0 => Ok(g),
-        _ => bail!("option groups={value:?} is not a positive whole number"),
+        Ok(())
     }
 }
 
@@ -391,11 +388,8 @@ impl FromStr for NormSpec {
         let Some(mut spec) = NormSpec::named(name) else {
             bail!("unknown normalizer \"{name}\" in spec \"{s}\"; expected one of {NAMES}");
         };
-        let Some(options) = options else {
-            return Ok(spec);
-        };
         let mut seen = Vec::new();
-        for option in options.split(',') {
+        for option in options.into_iter().flat_map(|o| o.split(',')) {
             let Some((key, value)) = option.split_once('=') else {
                 bail!(
                     "malformed option \"{}\" in spec \"{s}\"; write options as key=value, \
@@ -410,6 +404,7 @@ impl FromStr for NormSpec {
             spec.set(&key, value.trim())?;
             seen.push(key);
         }
+        spec.check_complete(s)?;
         Ok(spec)
     }
 }
@@ -452,14 +447,25 @@ mod tests {
                     (_, "affine") => "false",
                     (_, "impl") => "reference",
                     (_, "momentum") => "0.5",
-                    ("bn", "track_running_stats") => "false",
-                    (_, "track_running_stats") => "true",
+                    ("in", "track_running_stats") => "true",
+                    (_, "track_running_stats") => "false",
                     (_, "groups") => "4",
+                    (_, "tlu") => "false",
+                    (_, "rmax") => "2",
+                    (_, "dmax") => "0.5",
+                    (_, "warmup") => "100",
+                    (_, "virtual") => "4",
                     _ => panic!("no test value for {name}:{key}"),
                 };
-                let spec: NormSpec = format!("{long}:{key}={value}").parse().unwrap();
+                let extra = if name == "ghostbn" && key != "virtual" {
+                    ",virtual=2"
+                } else {
+                    ""
+                };
+                let spec: NormSpec = format!("{long}:{key}={value}{extra}").parse().unwrap();
                 let text = spec.to_string();
-                assert!(text.starts_with(&format!("{name}:{key}=")), "{text}");
+                assert!(text.contains(&format!("{key}=")), "{text}");
+                assert!(text.starts_with(&format!("{name}:")), "{text}");
                 assert_eq!(text.parse::<NormSpec>().unwrap(), spec);
             }
         }
@@ -489,5 +495,51 @@ mod tests {
         let reference: NormSpec = "ln:impl=reference".parse().unwrap();
         assert_eq!(reference.imp(), Impl::Reference);
         assert_eq!(reference.to_string(), "ln:impl=reference");
+    }
+}
+
+#[cfg(test)]
+mod new_layer_tests {
+    use super::*;
+
+    #[test]
+    fn the_new_layers_parse_with_their_defaults_and_refuse_bad_options() {
+        for (input, canonical) in [
+            ("RMSNORM", "rms"),
+            ("frn:eps=1e-6,tlu=true", "frn"),
+            ("frn:tlu=false", "frn:tlu=false"),
+            ("evonorm_s0:groups=8", "evonorm-s0:groups=8"),
+            ("evonorm-b0:momentum=0.1", "evonorm-b0"),
+            ("batch_renorm:rmax=3,dmax=5,warmup=0", "brn"),
+            ("ghostbn:virtual=2", "ghostbn:virtual=2"),
+            (
+                "ghost_batch:momentum=none,virtual=4",
+                "ghostbn:virtual=4,momentum=none",
+            ),
+        ] {
+            assert_eq!(input.parse::<NormSpec>().unwrap().to_string(), canonical);
+        }
+        assert_eq!("frn".parse::<NormSpec>().unwrap().eps(), 1e-6);
+        for (bad, needle) in [
+            ("ghostbn", "virtual=K"),
+            ("ghostbn:virtual=0", "at least 1"),
+            ("evonorm-s0:groups=0", "positive whole number"),
+            ("brn:rmax=0.5", "rmax must be >= 1"),
+            ("brn:dmax=-1", "dmax must be >= 0"),
+            ("brn:momentum=none", "num_batches_tracked"),
+            ("brn:warmup=1.5", "whole number"),
+            ("frn:eps=0", "eps must be > 0"),
+            ("rms:groups=2", "valid options are eps, affine, impl"),
+            ("frn:tlu=maybe", "not a boolean"),
+        ] {
+            let e = bad.parse::<NormSpec>().unwrap_err().to_string();
+            assert!(e.contains(needle), "{bad}: {e}");
+        }
+        for batchy in ["bn", "brn", "ghostbn:virtual=2", "evonorm-b0"] {
+            assert!(batchy.parse::<NormSpec>().unwrap().uses_batch_statistics());
+        }
+        for free in ["gn", "rms", "frn", "evonorm-s0", "none"] {
+            assert!(!free.parse::<NormSpec>().unwrap().uses_batch_statistics());
+        }
     }
 }
