@@ -2,6 +2,7 @@
 //! own layers, printed as markdown tables with speed-ups, effective bandwidth against a copy of
 //! the same size, and peak extra memory.
 
+use crate::bench_sample_norms::{table as sample_table, SAMPLE_NORMS};
 use crate::timing::{measure, measure_net, median};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Module, ModuleT, Tensor, Var};
@@ -20,8 +21,13 @@ pub struct BenchArgs {
     /// Shapes N,C,H,W separated by `;` [default: the five shapes of the kernels issue].
     #[arg(long)]
     shapes: Option<String>,
-    /// Normalizers to time.
-    #[arg(long, value_delimiter = ',', default_value = "bn,gn,ln,in")]
+    /// Normalizers to time: bn, gn, ln, in (against candle-nn) and rms, frn, evonorm-s0
+    /// (against the same layer composed of candle ops).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "bn,gn,ln,in,rms,frn,evonorm-s0"
+    )]
     norms: Vec<String>,
     /// Minimum measuring time per cell, in seconds.
     #[arg(long, default_value_t = 0.3)]
@@ -53,7 +59,7 @@ const DEFAULT_SHAPES: [[usize; 4]; 5] = [
 ];
 
 /// A normalization layer under test: normbench's (fused or reference) or candle-nn's.
-enum Layer {
+pub(crate) enum Layer {
     Normbench(Box<dyn normalizers::Normalizer>),
     CandleBatch(candle_nn::BatchNorm),
     CandleGroup(candle_nn::GroupNorm),
@@ -95,7 +101,9 @@ fn spec_and_sets(norm: &str, c: usize) -> Result<(String, Sets)> {
         "gn" => (format!("gn:groups={GN_GROUPS}"), Sets::Groups(GN_GROUPS)),
         "ln" => ("ln".into(), Sets::Groups(1)),
         "in" => ("in".into(), Sets::Groups(c)),
-        other => bail!("unknown normalizer {other:?} for bench-norms; use bn, gn, ln, in"),
+        other => bail!(
+            "unknown normalizer {other:?} for bench-norms; use bn, gn, ln, in, rms, frn, evonorm-s0"
+        ),
     })
 }
 
@@ -126,10 +134,10 @@ fn build(kind: &str, norm: &str, c: usize, vb: VarBuilder) -> Result<Layer> {
     })
 }
 
-struct Timing {
-    fwd: f64,
+pub(crate) struct Timing {
+    pub fwd: f64,
     /// Forward+backward less the identity harness: the median of paired differences.
-    net: f64,
+    pub net: f64,
     mem_fwd: usize,
     /// Peak memory of forward+backward less the harness's.
     mem_net: usize,
@@ -141,7 +149,7 @@ fn fwd_bwd(layer: &Layer, x: &Var, r: &Tensor) -> Result<()> {
     Ok(())
 }
 
-fn time_layer(layer: &Layer, x: &Var, r: &Tensor, min_time: f64) -> Result<Timing> {
+pub(crate) fn time_layer(layer: &Layer, x: &Var, r: &Tensor, min_time: f64) -> Result<Timing> {
     let (fwd, mem_fwd) = measure(min_time, || {
         layer.forward(x.as_tensor())?;
         Ok(())
@@ -343,13 +351,26 @@ fn shapes_arg(shapes: &[[usize; 4]]) -> String {
     each.join(";")
 }
 
+/// The names among `--norms` timed against candle-nn (with the backward kernel alone and the
+/// scaling table), and those timed against their composed twin; an unknown name is an error.
+fn split_norms(norms: &[String]) -> Result<(Vec<&String>, Vec<&str>)> {
+    let (sample, classic): (Vec<&String>, Vec<&String>) = norms
+        .iter()
+        .partition(|n| SAMPLE_NORMS.contains(&n.as_str()));
+    for norm in &classic {
+        spec_and_sets(norm, 32)?;
+    }
+    Ok((classic, sample.into_iter().map(|s| s.as_str()).collect()))
+}
+
 /// The fused kernels' times alone, as `tables` measures them, printing nothing.
 fn fused_times(args: &BenchArgs, shapes: &[[usize; 4]]) -> Result<FusedTimes> {
     let mut fused = Vec::new();
+    let (classic, _) = split_norms(&args.norms)?;
     for shape in shapes {
         let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, shape.as_slice(), &Device::Cpu)?)?;
         let r = Tensor::randn(0f32, 1.0, shape.as_slice(), &Device::Cpu)?;
-        for norm in &args.norms {
+        for norm in classic.iter().copied() {
             let varmap = VarMap::new();
             let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
             let t = time_layer(&build("fused", norm, shape[1], vb)?, &x, &r, args.min_time)?;
@@ -366,6 +387,7 @@ fn tables(args: &BenchArgs, shapes: &[[usize; 4]], threads: usize) -> Result<Fus
     if args.fused_only {
         return fused_times(args, shapes);
     }
+    let (classic, sample) = split_norms(&args.norms)?;
     let mut fused = Vec::new();
     println!(
         "## Normalization layers, training forward and forward+backward, {threads} thread(s)\n"
@@ -399,7 +421,7 @@ fn tables(args: &BenchArgs, shapes: &[[usize; 4]], threads: usize) -> Result<Fus
         );
         println!("| norm | impl | fwd (ms) | bwd alone (ms) | fwd+bwd net (ms) | fwd+bwd speed-up vs candle-nn | fwd GB/s | fwd+bwd GB/s | % of copy bandwidth (fwd, bwd alone, fwd+bwd) | peak mem fwd, bwd alone, fwd+bwd net (× input) |");
         println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|");
-        for norm in &args.norms {
+        for norm in classic.iter().copied() {
             let mut rows = Vec::new();
             for kind in &kinds {
                 let varmap = VarMap::new();
@@ -441,5 +463,6 @@ fn tables(args: &BenchArgs, shapes: &[[usize; 4]], threads: usize) -> Result<Fus
         }
         println!();
     }
+    sample_table(&sample, shapes, args.min_time, threads)?;
     Ok(fused)
 }

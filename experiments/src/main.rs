@@ -4,6 +4,7 @@ mod alloc;
 mod bench_cases;
 mod bench_conv;
 mod bench_norms;
+mod bench_sample_norms;
 mod bench_train;
 mod curves;
 mod data;
