@@ -74,7 +74,7 @@ fn conv_seconds(layer: &ConvLayer, b: usize, min_time: f64) -> Result<f64> {
 fn norm_seconds(norm: &str, b: usize, c: usize, side: usize, min_time: f64) -> Result<f64> {
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
-    let layer = normalizers::from_spec(norm, c, vb)?;
+    let layer = normalizers::from_spec(crate::model::split_ws(norm).0, c, vb)?;
     let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, c, side, side), &Device::Cpu)?)?;
     let r = Tensor::randn(0f32, 1.0, (b, c, side, side), &Device::Cpu)?;
     let (net, _, _) = measure_net(
@@ -123,7 +123,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
     );
     let model: ModelConfig = args.model.parse()?;
     let default_norms = format!("bn,gn:groups={},ln,in", model.groups);
-    let norms = parse_norms(args.norms.as_deref().unwrap_or(&default_norms))?;
+    let norms = parse_norms(
+        args.norms.as_deref().unwrap_or(&default_norms),
+        model.groups,
+    )?;
     on_threads(args.threads, || {
         println!(
             "## Training step of {model} on {0}×{0} images: where the time goes\n",

@@ -336,6 +336,7 @@ mod tests {
             train_loss: 0.1,
             wall_seconds: 1.0,
             diverged,
+            test_error_precise: None,
             vary: Vec::new(),
         }
     }

@@ -188,7 +188,10 @@ fn sweep(args: SweepArgs) -> Result<()> {
         })
         .unwrap_or(epochs);
     let plan = sweep::Plan {
-        norms: sweep::parse_norms(args.norms.as_deref().unwrap_or(&default_norms))?,
+        norms: sweep::parse_norms(
+            args.norms.as_deref().unwrap_or(&default_norms),
+            model.groups,
+        )?,
         batch_sizes: args.batch_sizes.unwrap_or_else(|| {
             if q {
                 vec![8, 2]

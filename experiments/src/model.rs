@@ -16,10 +16,11 @@ use std::fmt;
 use std::str::FromStr;
 use std::sync::Mutex;
 
-/// `resnet:width=W,blocks=B,groups=G,stem=S,dropout=P,init-gain=K`: stage widths W, 2W, 4W with
-/// B blocks each; G is the group count the sweep gives GroupNorm by default (it must divide W); S
-/// the stem's stride; P the dropout probability before the classifier; K a multiplier on the
-/// initial convolution and classifier weights.
+/// `resnet:width=W,blocks=B,groups=G,stem=S,dropout=P,init-gain=K,ws=true|false`: stage widths
+/// W, 2W, 4W with B blocks each; G is the group count the sweep gives GroupNorm by default (it
+/// must divide W); S the stem's stride; P the dropout probability before the classifier; K a
+/// multiplier on the initial convolution and classifier weights; `ws` Weight Standardization of
+/// every convolution.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ModelConfig {
     pub width: usize,
@@ -32,6 +33,8 @@ pub struct ModelConfig {
     pub dropout: f64,
     /// Multiplies the initial convolution weights and classifier weight (> 0).
     pub init_gain: f64,
+    /// Weight Standardization (Qiao et al. 2019) of every convolution's weight.
+    pub ws: bool,
 }
 
 impl Default for ModelConfig {
@@ -43,11 +46,12 @@ impl Default for ModelConfig {
             stem: 1,
             dropout: 0.0,
             init_gain: 1.0,
+            ws: false,
         }
     }
 }
 
-const MODEL_KEYS: &str = "width, blocks, groups, stem, dropout, init-gain";
+const MODEL_KEYS: &str = "width, blocks, groups, stem, dropout, init-gain, ws";
 
 /// A `--model` option's value as a number in `range`; names the key and the range otherwise.
 fn model_number(
@@ -90,6 +94,13 @@ impl ModelConfig {
             "init-gain" => {
                 self.init_gain = model_number(key, text, f64::MIN_POSITIVE.., "a number > 0")?
             }
+            "ws" => {
+                self.ws = match text {
+                    "true" => true,
+                    "false" => false,
+                    _ => bail!("--model option ws={text:?} is not a boolean; use true or false"),
+                }
+            }
             _ => bail!("unknown --model option {key:?}; resnet takes {MODEL_KEYS}"),
         }
         Ok(())
@@ -104,7 +115,7 @@ impl FromStr for ModelConfig {
         ensure!(
             name == "resnet",
             "unknown model {name:?}; expected resnet[:width=W,blocks=B,groups=G,stem=S,dropout=P,\
-             init-gain=K]"
+             init-gain=K,ws=true]"
         );
         let mut cfg = ModelConfig::default();
         for (k, v) in crate::options::key_values(opts, "--model", s)? {
@@ -136,6 +147,9 @@ impl fmt::Display for ModelConfig {
         }
         if self.init_gain != 1.0 {
             write!(f, ",init-gain={}", self.init_gain)?;
+        }
+        if self.ws {
+            f.write_str(",ws=true")?;
         }
         Ok(())
     }
@@ -239,6 +253,9 @@ pub enum Mode {
     Eval,
     /// Evaluation with the statistics of the evaluated batch, running statistics untouched.
     BatchStats,
+    /// PreciseBN's pass: normalizers as in training (their statistics pooled, see
+    /// [`ResNet::precise_stats`]), no dropout.
+    Stats,
 }
 
 #[derive(Debug)]
@@ -255,16 +272,18 @@ impl ConvNorm {
         kernel: usize,
         stride: usize,
         norm: &str,
-        conv_impl: ConvImpl,
+        conv: (ConvImpl, bool),
         vb: VarBuilder,
     ) -> Result<Self> {
+        let (conv_impl, ws) = conv;
         let cfg = Conv2dConfig {
             stride,
             padding: kernel / 2,
             dilation: 1,
         };
         Ok(Self {
-            conv: conv2d_no_bias(cin, cout, kernel, cfg, conv_impl, vb.pp("conv"))?,
+            conv: conv2d_no_bias(cin, cout, kernel, cfg, conv_impl, vb.pp("conv"))?
+                .with_weight_standardization(ws),
             norm: normalizers::from_spec(norm, cout, vb.pp("norm"))
                 .with_context(|| format!("cannot build normalizer {norm:?} for {cout} channels"))?,
         })
@@ -273,7 +292,7 @@ impl ConvNorm {
     fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
         let y = self.conv.forward(x)?;
         Ok(match mode {
-            Mode::Train => self.norm.forward_t(&y, true)?,
+            Mode::Train | Mode::Stats => self.norm.forward_t(&y, true)?,
             Mode::Eval => self.norm.forward_t(&y, false)?,
             Mode::BatchStats => self.norm.forward_batch_stats(&y)?,
         })
@@ -327,6 +346,8 @@ impl ResNet {
     ) -> Result<Self> {
         let vb = VarBuilder::from_varmap(varmap, DType::F32, &Device::Cpu);
         let w = cfg.width;
+        let (norm, ws) = split_ws(norm);
+        let conv_impl = (conv_impl, cfg.ws || ws);
         let stem = ConvNorm::new(in_channels, w, 3, cfg.stem, norm, conv_impl, vb.pp("stem"))?;
         let mut blocks = Vec::new();
         let mut cin = w;
@@ -378,6 +399,37 @@ impl ResNet {
 }
 
 impl ResNet {
+    /// Every normalizer of the model.
+    fn norms(&self) -> Vec<&dyn Normalizer> {
+        let mut convs = vec![&self.stem];
+        for b in &self.blocks {
+            convs.extend([&b.first, &b.second]);
+            convs.extend(&b.shortcut);
+        }
+        convs.into_iter().map(|c| c.norm.as_ref()).collect()
+    }
+
+    /// PreciseBN (Wu & Johnson 2021; fvcore's `update_bn_stats`): with the weights frozen,
+    /// recomputes every normalizer's running statistics as the pooled mean and variance of its
+    /// inputs over `batches` (the training set at the training batch size). Returns `false`,
+    /// touching nothing, when no normalizer keeps running statistics.
+    pub fn precise_stats(&self, batches: impl Iterator<Item = Result<Tensor>>) -> Result<bool> {
+        let mut any = false;
+        for norm in self.norms() {
+            any |= norm.start_precise_stats()?;
+        }
+        if !any {
+            return Ok(false);
+        }
+        for x in batches {
+            self.forward(&x?, Mode::Stats)?;
+        }
+        for norm in self.norms() {
+            norm.finish_precise_stats()?;
+        }
+        Ok(true)
+    }
+
     /// Inverted dropout: each value kept with probability 1 − p and scaled by 1/(1 − p).
     fn drop(&self, x: &Tensor) -> Result<Tensor> {
         let p = self.dropout;
@@ -439,6 +491,19 @@ fn set(var: &Var, value: Tensor) -> Result<()> {
     Ok(())
 }
 
+/// The suffix that adds Weight Standardization to one entry of `--norms` (`gn:groups=8+ws`).
+pub const WS_SUFFIX: &str = "+ws";
+
+/// A `--norms` entry as its normalizer spec and whether it asks for Weight Standardization.
+pub fn split_ws(norm: &str) -> (&str, bool) {
+    let n = norm.len();
+    if n >= WS_SUFFIX.len() && norm[n - WS_SUFFIX.len()..].eq_ignore_ascii_case(WS_SUFFIX) {
+        (&norm[..n - WS_SUFFIX.len()], true)
+    } else {
+        (norm, false)
+    }
+}
+
 /// Whether a variable is a normalizer's (no weight decay) or a running statistic (not trained).
 pub fn is_normalizer_var(name: &str) -> bool {
     name.contains(".norm.")
@@ -483,6 +548,10 @@ mod tests {
             "resnet:width=16,blocks=1,groups=8,stem=2"
         );
         assert_eq!(strided.to_string().parse::<ModelConfig>().unwrap(), strided);
+        let ws: ModelConfig = "resnet:ws=true".parse().unwrap();
+        assert!(ws.ws);
+        assert_eq!(ws.to_string(), "resnet:width=16,blocks=1,groups=8,ws=true");
+        assert_eq!(ws.to_string().parse::<ModelConfig>().unwrap(), ws);
         for (bad, msg) in [
             ("vgg", "unknown model"),
             ("resnet:width=0", "positive whole number"),
@@ -492,10 +561,44 @@ mod tests {
             ("resnet:dropout=1", "dropout must be in [0, 1)"),
             ("resnet:init-gain=0", "init-gain must be a number > 0"),
             ("resnet:dropout=x", "is not a number"),
+            ("resnet:ws=yes", "not a boolean"),
         ] {
             let e = bad.parse::<ModelConfig>().unwrap_err().to_string();
             assert!(e.contains(msg), "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn ws_from_the_model_or_a_norms_suffix_standardizes_every_convolution() {
+        let logits = |model: &str, norm: &str| -> Vec<f32> {
+            let varmap = VarMap::new();
+            let cfg: ModelConfig = model.parse().unwrap();
+            let net = ResNet::new(cfg, 3, 4, norm, ConvImpl::Fast, &varmap, 5).unwrap();
+            let x = Tensor::from_vec(
+                (0..2 * 3 * 8 * 8)
+                    .map(|i| ((i * 37) % 17) as f32 / 8.0 - 1.0)
+                    .collect::<Vec<_>>(),
+                (2, 3, 8, 8),
+                &Device::Cpu,
+            )
+            .unwrap();
+            net.forward(&x, Mode::Eval)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap()
+        };
+        let plain = logits("resnet:width=8,groups=4", "gn:groups=4");
+        let suffix = logits("resnet:width=8,groups=4", "gn:groups=4+ws");
+        let option = logits("resnet:width=8,groups=4,ws=true", "gn:groups=4");
+        assert_eq!(
+            suffix, option,
+            "the suffix and the model option are one thing"
+        );
+        assert_ne!(suffix, plain, "standardized weights change the output");
+        assert_eq!(split_ws("gn:groups=4+WS"), ("gn:groups=4", true));
+        assert_eq!(split_ws("gn"), ("gn", false));
     }
 
     #[test]

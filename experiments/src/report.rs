@@ -41,9 +41,11 @@ pub fn markdown(rows: &[SummaryRow], norms: &[String], sizes: &[usize]) -> Strin
         .collect();
     if !batch_dependent.is_empty() {
         s.push_str(
-            "\nNormalizers with running statistics, evaluated three ways (mean test error, %): with \
-             the running statistics; with the statistics of test batches of the training batch \
-             size B; with the statistics of test batches of 250 (Wu & Johnson 2021).\n\n",
+            "\nNormalizers with running statistics, evaluated four ways (mean test error, %): with \
+             the running statistics; with PreciseBN's (recomputed over the training set at batch \
+             size B with the weights frozen); with the statistics of test batches of the \
+             training batch size B; with the statistics of test batches of 250 (Wu & Johnson \
+             2021).\n\n",
         );
         let _ = writeln!(s, "| normalizer | evaluation | {} |", size_columns(sizes));
         let _ = writeln!(s, "|---|---|{}", "---:|".repeat(sizes.len()));
@@ -51,16 +53,21 @@ pub fn markdown(rows: &[SummaryRow], norms: &[String], sizes: &[usize]) -> Strin
             for (label, f) in [
                 (
                     "running statistics",
-                    (|r: &SummaryRow| r.test_error_mean) as fn(&SummaryRow) -> f64,
+                    (|r: &SummaryRow| Some(r.test_error_mean)) as fn(&SummaryRow) -> Option<f64>,
                 ),
-                ("test batches of B", |r| r.test_error_batch_stats_mean),
+                ("PreciseBN", |r| r.test_error_precise_mean),
+                ("test batches of B", |r| Some(r.test_error_batch_stats_mean)),
                 ("test batches of 250", |r| {
-                    r.test_error_large_batch_stats_mean
+                    Some(r.test_error_large_batch_stats_mean)
                 }),
             ] {
                 let cells: Vec<String> = sizes
                     .iter()
-                    .map(|&b| cell(rows, norm, b).map_or("–".into(), |r| format!("{:.1}", f(r))))
+                    .map(|&b| {
+                        cell(rows, norm, b)
+                            .and_then(f)
+                            .map_or("–".into(), |v| format!("{v:.1}"))
+                    })
                     .collect();
                 let _ = writeln!(s, "| `{norm}` | {label} | {} |", cells.join(" | "));
             }
@@ -176,6 +183,7 @@ mod tests {
             train_loss: 1.0,
             wall_seconds: 1.0,
             diverged: false,
+            test_error_precise: None,
             vary: Vec::new(),
         };
         let runs = vec![row("gn", 2), row("ln", 8), row("bn", 32)];
@@ -201,6 +209,7 @@ mod tests {
             train_loss: 1.0,
             wall_seconds: 1.0,
             diverged,
+            test_error_precise: None,
             vary: Vec::new(),
         };
         let runs = vec![

@@ -88,6 +88,11 @@ pub struct RunRow {
     pub train_loss: f64,
     pub wall_seconds: f64,
     pub diverged: bool,
+    /// Percent, with PreciseBN's running statistics (recomputed over the training set with the
+    /// weights frozen); empty for normalizers without running statistics (and in files written
+    /// before the column existed).
+    #[serde(default)]
+    pub test_error_precise: Option<f64>,
     #[serde(skip)]
     pub vary: Setting,
 }
@@ -130,6 +135,9 @@ pub struct SummaryRow {
     pub test_error_batch_stats_mean: f64,
     pub test_error_large_batch_stats_mean: f64,
     pub n_diverged: usize,
+    /// The mean of `test_error_precise` where the runs have it.
+    #[serde(default)]
+    pub test_error_precise_mean: Option<f64>,
     #[serde(skip)]
     pub vary: Setting,
 }
@@ -227,18 +235,43 @@ pub fn to_csv<T: Serialize + Varied>(rows: &[T], header: bool) -> Result<Vec<u8>
 }
 
 /// Appends `rows` to the CSV file at `path` in one write (with the header if the file is new),
-/// then flushes them to disk.
+/// then flushes them to disk. A file whose header differs from the rows' (written by another
+/// version of normbench, or for other varied keys) is refused, not appended to.
 pub fn append_rows<T: Serialize + Varied>(path: &Path, rows: &[T]) -> Result<()> {
-    let is_new = std::fs::metadata(path)
-        .map(|m| m.len() == 0)
-        .unwrap_or(true);
-    let bytes = to_csv(rows, is_new)?;
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let bytes = to_csv(rows, true)?;
+    let split = bytes
+        .iter()
+        .position(|&b| b == b'\n')
+        .map_or(bytes.len(), |i| i + 1);
+    let (header, body) = bytes.split_at(split);
+    let existing = match std::fs::File::open(path) {
+        Ok(f) => {
+            let mut first = String::new();
+            std::io::BufRead::read_line(&mut std::io::BufReader::new(f), &mut first)?;
+            first
+        }
+        Err(_) => String::new(),
+    };
+    let new_header = String::from_utf8_lossy(header);
+    if !existing.is_empty() && existing.trim_end() != new_header.trim_end() {
+        bail!(
+            "{} has the columns\n  {}\nbut this version of normbench writes\n  {}\nIt was \
+             written by another version (or another sweep); resume it with that version, or \
+             start a new folder with --out",
+            path.display(),
+            existing.trim_end(),
+            new_header.trim_end()
+        );
+    }
     let mut f = OpenOptions::new()
         .create(true)
         .append(true)
         .open(path)
         .with_context(|| format!("cannot append to {}", path.display()))?;
-    f.write_all(&bytes)?;
+    f.write_all(if existing.is_empty() { &bytes } else { body })?;
     f.sync_data()?;
     Ok(())
 }
@@ -429,6 +462,7 @@ mod tests {
             train_loss: f64::NAN,
             wall_seconds: 1.0,
             diverged: false,
+            test_error_precise: None,
             vary: Vec::new(),
         }
     }
@@ -544,7 +578,10 @@ mod tests {
             "{text}"
         );
         assert!(
-            text.lines().next().unwrap().ends_with(",diverged,base-lr"),
+            text.lines()
+                .next()
+                .unwrap()
+                .ends_with(",diverged,test_error_precise,base-lr"),
             "{text}"
         );
         let keys = vec!["base-lr".to_string(), "epochs".to_string()];
@@ -568,6 +605,32 @@ mod tests {
             .unwrap_err()
         );
         assert!(err.contains("has no column \"dropout\""), "{err}");
+    }
+
+    #[test]
+    fn a_file_with_other_columns_is_refused_not_appended_to() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(RUNS_CSV);
+        let old = "norm,batch_size,seed,lr,epochs,steps,test_error,test_error_batch_stats,\
+                   test_error_large_batch_stats,train_loss,wall_seconds,diverged\n\
+                   bn,32,0,0.1,1,10,10.0,10.0,10.0,1.0,1.0,false\n";
+        std::fs::write(&path, old).unwrap();
+        let e = append_rows(&path, &[run("bn", 16, 5.0)])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("another version") && e.contains("--out"), "{e}");
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            old,
+            "left as it was"
+        );
+        // Old files still read: the new column is empty.
+        let rows: Vec<RunRow> = csv::Reader::from_path(&path)
+            .unwrap()
+            .deserialize()
+            .collect::<std::result::Result<_, _>>()
+            .unwrap();
+        assert_eq!(rows[0].test_error_precise, None);
     }
 
     #[test]

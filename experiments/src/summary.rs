@@ -97,6 +97,10 @@ fn summary_row(cell: &[&RunRow], vary: Setting) -> SummaryRow {
         test_error_std: std,
         test_error_batch_stats_mean: mean_std(&col(|r| r.test_error_batch_stats)).0,
         test_error_large_batch_stats_mean: mean_std(&col(|r| r.test_error_large_batch_stats)).0,
+        test_error_precise_mean: {
+            let precise: Vec<f64> = ok.iter().filter_map(|r| r.test_error_precise).collect();
+            (!precise.is_empty()).then(|| mean_std(&precise).0)
+        },
         n_diverged: cell.len() - ok.len(),
         vary,
     }

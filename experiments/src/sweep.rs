@@ -1,6 +1,7 @@
 //! The sweep: every normalizer × batch size × seed, run in parallel jobs, resumable, shardable.
 
 use crate::data::{Dataset, DatasetSpec};
+use crate::model::{split_ws, WS_SUFFIX};
 use crate::model::{ModelConfig, ResNet};
 use crate::report;
 use crate::results::{self, write_atomic, EpochRow, RunKey, RunRow, MANIFEST_JSON};
@@ -32,8 +33,10 @@ pub struct Plan {
 
 /// Splits a comma-separated list of spec strings, where a spec's own options also use commas:
 /// a piece with `=` but no `:` continues the spec before it (`bn,gn:groups=8,eps=1e-3,ln`).
-/// Each spec is returned in canonical form.
-pub fn parse_norms(list: &str) -> Result<Vec<String>> {
+/// Each spec is returned in canonical form; `gn` and `evonorm-s0` without `groups` take the
+/// model's `groups`, and a `+ws` suffix (`gn+ws`) asks for Weight Standardization of the
+/// model's convolutions in that entry's runs (it stays in the entry's name).
+pub fn parse_norms(list: &str, groups: usize) -> Result<Vec<String>> {
     let mut specs: Vec<String> = Vec::new();
     for piece in list.split(',').map(str::trim).filter(|p| !p.is_empty()) {
         match specs.last_mut() {
@@ -49,15 +52,32 @@ pub fn parse_norms(list: &str) -> Result<Vec<String>> {
         "--norms is empty; give spec strings such as bn,gn:groups=8"
     );
     let mut canonical = Vec::new();
-    for spec in specs {
+    for entry in specs {
+        let (spec, ws) = split_ws(&entry);
+        let spec = with_model_groups(spec, groups);
         let parsed: NormSpec = spec
             .parse()
-            .with_context(|| format!("--norms: bad spec {spec:?}"))?;
-        let c = parsed.to_string();
+            .with_context(|| format!("--norms: bad spec {entry:?}"))?;
+        let c = format!("{parsed}{}", if ws { WS_SUFFIX } else { "" });
         ensure!(!canonical.contains(&c), "--norms names {c} twice");
         canonical.push(c);
     }
     Ok(canonical)
+}
+
+/// `spec` with `groups=G` added where it names a grouped layer (`gn`, `evonorm-s0`) without
+/// its groups: in a sweep they default to the model's groups, not the layer's 32.
+fn with_model_groups(spec: &str, groups: usize) -> String {
+    let (name, options) = spec.split_once(':').unwrap_or((spec, ""));
+    let grouped = ["gn", "group", "evonorm-s0", "evonorm_s0"]
+        .contains(&name.trim().to_ascii_lowercase().as_str());
+    if !grouped || options.to_ascii_lowercase().contains("groups=") {
+        return spec.to_string();
+    }
+    match options.trim() {
+        "" => format!("{}:groups={groups}", name.trim()),
+        o => format!("{}:groups={groups},{o}", name.trim()),
+    }
 }
 
 /// Parses `i/n` with 1 ≤ i ≤ n.
@@ -197,7 +217,7 @@ impl Plan {
                 ds.train.len()
             );
             for norm in &self.norms {
-                let spec: NormSpec = norm.parse()?;
+                let spec: NormSpec = crate::model::split_ws(norm).0.parse()?;
                 ensure!(
                     !(b == 1 && spec.uses_batch_statistics()),
                     "batch size 1 with {norm}: BatchNorm needs at least 2 images per batch to \
@@ -718,7 +738,11 @@ mod tests {
     #[test]
     fn norms_split_on_commas_that_start_a_new_spec() {
         assert_eq!(
-            parse_norms("bn, gn:groups=8,eps=1e-3,LAYER,in:track_running_stats=true").unwrap(),
+            parse_norms(
+                "bn, gn:groups=8,eps=1e-3,LAYER,in:track_running_stats=true",
+                8
+            )
+            .unwrap(),
             [
                 "bn",
                 "gn:groups=8,eps=1e-3",
@@ -726,12 +750,42 @@ mod tests {
                 "in:track_running_stats=true"
             ]
         );
-        assert!(parse_norms("bn,batch")
+        assert!(parse_norms("bn,batch", 8)
             .unwrap_err()
             .to_string()
             .contains("twice"));
-        let e = format!("{:#}", parse_norms("bn,bx").unwrap_err());
+        let e = format!("{:#}", parse_norms("bn,bx", 8).unwrap_err());
         assert!(e.contains("unknown normalizer \"bx\""), "{e}");
+    }
+
+    #[test]
+    fn grouped_layers_take_the_model_s_groups_and_ws_stays_in_the_name() {
+        let remedies = "none,bn,brn,ghostbn:virtual=2,gn,gn+ws,GN:eps=1e-3+WS,frn,evonorm-s0,\
+                        evonorm-b0,ln,rms,gn:groups=4";
+        assert_eq!(
+            parse_norms(remedies, 8).unwrap(),
+            [
+                "none",
+                "bn",
+                "brn",
+                "ghostbn:virtual=2",
+                "gn:groups=8",
+                "gn:groups=8+ws",
+                "gn:groups=8,eps=1e-3+ws",
+                "frn",
+                "evonorm-s0:groups=8",
+                "evonorm-b0",
+                "ln",
+                "rms",
+                "gn:groups=4",
+            ]
+        );
+        assert!(parse_norms("gn+ws,gn:groups=8+ws", 8)
+            .unwrap_err()
+            .to_string()
+            .contains("twice"));
+        let e = format!("{:#}", parse_norms("ghostbn", 8).unwrap_err());
+        assert!(e.contains("virtual=K"), "{e}");
     }
 
     #[test]

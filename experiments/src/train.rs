@@ -250,6 +250,11 @@ pub fn run(
             test_error(&model, ds, cfg.large_eval_batch, Mode::BatchStats)?,
         )
     };
+    let precise = if diverged {
+        None
+    } else {
+        precise_error(&model, ds, b, cfg)?
+    };
     let row = RunRow {
         norm: key.norm.clone(),
         batch_size: b,
@@ -263,9 +268,31 @@ pub fn run(
         train_loss: if diverged { f64::NAN } else { train_loss },
         wall_seconds: start.elapsed().as_secs_f64(),
         diverged,
+        test_error_precise: precise,
         vary: key.vary.clone(),
     };
     Ok((row, epochs))
+}
+
+/// The test error with PreciseBN's statistics: the training set in order, in batches of the
+/// training batch size `b` (the last partial one left out, as in training), pooled into every
+/// normalizer's running statistics; `None` when no normalizer keeps them. Last, since it
+/// replaces the running statistics the other columns use.
+fn precise_error(model: &ResNet, ds: &Dataset, b: usize, cfg: &TrainConfig) -> Result<Option<f64>> {
+    let shape = (ds.channels, ds.height, ds.width);
+    let idx: Vec<usize> = (0..ds.train.len()).collect();
+    let batches = idx
+        .chunks_exact(b)
+        .map(|chunk| Ok(batch(&ds.train, chunk, ds.image_len(), shape)?.0));
+    if !model.precise_stats(batches)? {
+        return Ok(None);
+    }
+    Ok(Some(test_error(
+        model,
+        ds,
+        cfg.large_eval_batch,
+        Mode::Eval,
+    )?))
 }
 
 #[cfg(test)]

@@ -17,8 +17,10 @@
 mod gemm;
 mod im2col;
 mod op;
+mod standardize;
 
 pub use im2col::{col2im, im2col, Geometry};
+pub use standardize::{standardize_weight, WS_EPS};
 
 use candle_core::{bail, Module, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
@@ -123,6 +125,8 @@ pub struct Conv2d {
     bias: Option<Tensor>,
     cfg: Conv2dConfig,
     kind: ConvImpl,
+    /// Weight Standardization before every forward (see [`standardize_weight`]).
+    ws: bool,
 }
 
 impl Conv2d {
@@ -132,7 +136,18 @@ impl Conv2d {
             bias,
             cfg,
             kind,
+            ws: false,
         }
+    }
+
+    /// The same layer with Weight Standardization on (`true`) or off.
+    pub fn with_weight_standardization(self, ws: bool) -> Self {
+        Self { ws, ..self }
+    }
+
+    /// Whether the weight is standardized before each convolution.
+    pub fn weight_standardization(&self) -> bool {
+        self.ws
     }
 
     pub fn weight(&self) -> &Tensor {
@@ -150,6 +165,10 @@ impl Conv2d {
 
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if self.ws {
+            let w = standardize_weight(&self.weight)?;
+            return conv2d_with(x, &w, self.bias.as_ref(), self.cfg, self.kind);
+        }
         conv2d_with(x, &self.weight, self.bias.as_ref(), self.cfg, self.kind)
     }
 }
