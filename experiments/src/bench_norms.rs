@@ -2,10 +2,11 @@
 //! own layers, printed as markdown tables with speed-ups, effective bandwidth against a copy of
 //! the same size, and peak extra memory.
 
+use crate::bench_layer::{fwd_bwd, time_layer, Layer};
 use crate::bench_sample_norms::{table as sample_table, SAMPLE_NORMS};
-use crate::timing::{measure, measure_net, median};
+use crate::timing::{measure, median};
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device, Module, ModuleT, Tensor, Var};
+use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use normalizers::kernels::{fused_backward, fused_normalize, lean_keeps_stats, Sets};
 use rayon::prelude::*;
@@ -58,39 +59,6 @@ const DEFAULT_SHAPES: [[usize; 4]; 5] = [
     [32, 32, 32, 32],
 ];
 
-/// A normalization layer under test: normbench's (fused or reference) or candle-nn's.
-pub(crate) enum Layer {
-    Normbench(Box<dyn normalizers::Normalizer>),
-    CandleBatch(candle_nn::BatchNorm),
-    CandleGroup(candle_nn::GroupNorm),
-    /// LayerNorm over (C, H, W) composed from candle ops (candle-nn's fused one has no backward).
-    ComposedLn {
-        weight: Tensor,
-        bias: Tensor,
-    },
-    Identity,
-}
-
-impl Layer {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(match self {
-            Layer::Normbench(n) => n.forward_t(x, true)?,
-            Layer::CandleBatch(bn) => bn.forward_t(x, true)?,
-            Layer::CandleGroup(gn) => gn.forward(x)?,
-            Layer::ComposedLn { weight, bias } => {
-                let mean = x.mean_keepdim((1, 2, 3))?;
-                let xc = x.broadcast_sub(&mean)?;
-                let var = xc.sqr()?.mean_keepdim((1, 2, 3))?;
-                let xhat = xc.broadcast_div(&(var + 1e-5)?.sqrt()?)?;
-                let c = x.dim(1)?;
-                xhat.broadcast_mul(&weight.reshape((1, c, 1, 1))?)?
-                    .broadcast_add(&bias.reshape((1, c, 1, 1))?)?
-            }
-            Layer::Identity => x.clone(),
-        })
-    }
-}
-
 /// GroupNorm's groups in every implementation timed.
 const GN_GROUPS: usize = 32;
 
@@ -131,39 +99,6 @@ fn build(kind: &str, norm: &str, c: usize, vb: VarBuilder) -> Result<Layer> {
             bias: vb.get_with_hints(c, "bias", candle_nn::Init::Const(0.0))?,
         },
         _ => Layer::Identity,
-    })
-}
-
-pub(crate) struct Timing {
-    pub fwd: f64,
-    /// Forward+backward less the identity harness: the median of paired differences.
-    pub net: f64,
-    mem_fwd: usize,
-    /// Peak memory of forward+backward less the harness's.
-    mem_net: usize,
-}
-
-fn fwd_bwd(layer: &Layer, x: &Var, r: &Tensor) -> Result<()> {
-    let y = layer.forward(x.as_tensor())?;
-    (y * r)?.sum_all()?.backward()?;
-    Ok(())
-}
-
-pub(crate) fn time_layer(layer: &Layer, x: &Var, r: &Tensor, min_time: f64) -> Result<Timing> {
-    let (fwd, mem_fwd) = measure(min_time, || {
-        layer.forward(x.as_tensor())?;
-        Ok(())
-    })?;
-    let (net, mem, mem_base) = measure_net(
-        min_time,
-        || fwd_bwd(&Layer::Identity, x, r),
-        || fwd_bwd(layer, x, r),
-    )?;
-    Ok(Timing {
-        fwd,
-        net: net.max(1e-9),
-        mem_fwd,
-        mem_net: mem.saturating_sub(mem_base),
     })
 }
 

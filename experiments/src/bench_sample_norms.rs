@@ -2,7 +2,7 @@
 //! `evonorm-s0`): the fused kernel against the same layer composed of candle ops
 //! (`impl=reference`), training forward and forward+backward, with the speed-up.
 
-use crate::bench_norms::{time_layer, Layer};
+use crate::bench_layer::{time_layer, Layer};
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};

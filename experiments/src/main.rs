@@ -3,11 +3,13 @@
 mod alloc;
 mod bench_cases;
 mod bench_conv;
+mod bench_layer;
 mod bench_norms;
 mod bench_sample_norms;
 mod bench_train;
 mod curves;
 mod data;
+mod manifest;
 mod model;
 mod optim;
 mod options;

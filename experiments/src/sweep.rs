@@ -1,6 +1,7 @@
 //! The sweep: every normalizer × batch size × seed, run in parallel jobs, resumable, shardable.
 
 use crate::data::{Dataset, DatasetSpec};
+use crate::manifest::{check_settings, now, Manifest};
 use crate::model::{split_ws, WS_SUFFIX};
 use crate::model::{ModelConfig, ResNet};
 use crate::report;
@@ -15,7 +16,6 @@ use serde_json::json;
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::sync::{mpsc, Arc, Mutex};
-use std::time::SystemTime;
 
 /// Everything a sweep runs.
 #[derive(Debug, Clone)]
@@ -271,112 +271,17 @@ fn check_train(t: &TrainConfig) -> Result<()> {
     Ok(())
 }
 
-fn now() -> String {
-    humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
-}
-
-fn command_output(cmd: &str, args: &[&str]) -> Option<String> {
-    let out = std::process::Command::new(cmd).args(args).output().ok()?;
-    out.status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
-}
-
-fn cpu_model() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+/// The manifest's description of a plan: its settings, grid and shard.
+impl Plan {
+    fn manifest_fields(&self) -> serde_json::Value {
+        json!({
+            "settings": self.settings(),
+            "norms": self.norms,
+            "batch_sizes": self.batch_sizes,
+            "seeds": self.seeds,
+            "shard": self.shard.map(|(i, n)| format!("{i}/{n}")),
         })
-        .unwrap_or_else(|| "unknown".into())
-}
-
-/// The source tree a sweep started from: its commit, and whether tracked files differed from it.
-/// Read once, when the sweep starts, so that the final manifest does not name a commit made
-/// while it ran.
-struct Source {
-    commit: String,
-    dirty: Option<bool>,
-}
-
-impl Source {
-    fn now() -> Self {
-        Self {
-            commit: command_output("git", &["rev-parse", "HEAD"])
-                .unwrap_or_else(|| "unknown".into()),
-            dirty: command_output("git", &["status", "--porcelain", "--untracked-files=no"])
-                .map(|s| !s.is_empty()),
-        }
     }
-}
-
-/// The manifest: configuration, versions, machine, source, and the sweep's times.
-#[allow(clippy::too_many_arguments)]
-fn manifest(
-    plan: &Plan,
-    source: &Source,
-    jobs: usize,
-    threads_per_job: usize,
-    start: &str,
-    end: Option<&str>,
-    done: usize,
-    total: usize,
-    failure: Option<&str>,
-) -> serde_json::Value {
-    json!({
-        "failure": failure,
-        "tool": "normbench experiments sweep",
-        "command": std::env::args().collect::<Vec<_>>(),
-        "settings": plan.settings(),
-        "norms": plan.norms,
-        "batch_sizes": plan.batch_sizes,
-        "seeds": plan.seeds,
-        "shard": plan.shard.map(|(i, n)| format!("{i}/{n}")),
-        "runs_in_plan": total,
-        "runs_finished": done,
-        "versions": {
-            "experiments": env!("CARGO_PKG_VERSION"),
-            "candle-core": env!("NORMBENCH_CANDLE_CORE_VERSION"),
-            "candle-nn": env!("NORMBENCH_CANDLE_NN_VERSION"),
-            "rustc": env!("NORMBENCH_RUSTC_VERSION"),
-        },
-        "git_commit": source.commit,
-        "git_dirty": source.dirty,
-        "jobs": jobs,
-        "threads_per_job": threads_per_job,
-        "os": std::env::consts::OS,
-        "arch": std::env::consts::ARCH,
-        "cpu": cpu_model(),
-        "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
-        "start_time": start,
-        "end_time": end,
-    })
-}
-
-/// Refuses to mix runs of different settings in one folder.
-fn check_settings(out: &Path, plan: &Plan) -> Result<()> {
-    let path = out.join(MANIFEST_JSON);
-    let Ok(text) = std::fs::read_to_string(&path) else {
-        return Ok(());
-    };
-    let old: serde_json::Value = serde_json::from_str(&text).with_context(|| {
-        format!(
-            "{} is not valid JSON; move it away to start afresh",
-            path.display()
-        )
-    })?;
-    if old["settings"] != plan.settings() {
-        bail!(
-            "{} holds a sweep with other settings ({}), not ({}); use another --out, or the same \
-             settings to resume it",
-            out.display(),
-            old["settings"],
-            plan.settings()
-        );
-    }
-    Ok(())
 }
 
 enum Event {
@@ -583,7 +488,7 @@ pub fn run(
 ) -> Result<()> {
     plan.validate(&ds)?;
     let _lock = results::lock_folder(out)?;
-    check_settings(out, plan)?;
+    check_settings(out, &plan.settings())?;
     let todo = pending(plan, out, retry_diverged)?;
     let total = plan.runs().len();
     let skipped = total - todo.len();
@@ -595,19 +500,9 @@ pub fn run(
     // candle's matmul sizes its own thread split from RAYON_NUM_THREADS at every call, not from
     // the pool it runs in: without this, each job's matmuls would split for all the CPUs.
     std::env::set_var("RAYON_NUM_THREADS", threads_per_job.to_string());
-    let (start, source) = (now(), Source::now());
+    let manifest = Manifest::start(plan.manifest_fields(), jobs, threads_per_job, total);
     let write_manifest = |end: Option<&str>, done: usize, failure: Option<&str>| -> Result<()> {
-        let m = manifest(
-            plan,
-            &source,
-            jobs,
-            threads_per_job,
-            &start,
-            end,
-            done,
-            total,
-            failure,
-        );
+        let m = manifest.json(end, done, failure);
         write_atomic(&out.join(MANIFEST_JSON), &serde_json::to_vec_pretty(&m)?)
     };
     write_manifest(None, skipped, None)?;
