@@ -871,3 +871,74 @@ fn benchmark_commands_print_their_tables() {
         "{table}"
     );
 }
+
+/// The value of column `key` in each row of runs.csv, keyed by the row's `norm`.
+fn by_norm(dir: &Path, key: &str) -> std::collections::BTreeMap<String, String> {
+    let text = read(dir, "runs.csv");
+    let mut rows = csv::Reader::from_reader(text.as_bytes());
+    let header = rows.headers().unwrap().clone();
+    let at = |name: &str| header.iter().position(|h| h == name).unwrap();
+    let (norm, value) = (at("norm"), at(key));
+    rows.records()
+        .map(|r| {
+            let r = r.unwrap();
+            (r[norm].to_string(), r[value].to_string())
+        })
+        .collect()
+}
+
+#[test]
+fn the_quick_sweep_takes_every_remedy_and_reports_precise_bn_for_running_stats() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("remedies");
+    let o = out.to_str().unwrap();
+    let norms = "none,bn,brn,ghostbn:virtual=2,gn+ws,frn,evonorm-s0,evonorm-b0,ln,rms";
+    ok(&[
+        "sweep",
+        "--quick",
+        "--norms",
+        norms,
+        "--batch-sizes",
+        "8",
+        "--out",
+        o,
+    ]);
+    let precise = by_norm(&out, "test_error_precise");
+    let names: Vec<&str> = precise.keys().map(String::as_str).collect();
+    assert_eq!(
+        names,
+        [
+            "bn",
+            "brn",
+            "evonorm-b0",
+            "evonorm-s0:groups=8",
+            "frn",
+            "ghostbn:virtual=2",
+            "gn:groups=8+ws",
+            "ln",
+            "none",
+            "rms"
+        ]
+    );
+    let diverged = by_norm(&out, "diverged");
+    for (norm, value) in &precise {
+        let keeps_running_stats =
+            ["bn", "brn", "ghostbn:virtual=2", "evonorm-b0"].contains(&norm.as_str());
+        if keeps_running_stats && diverged[norm] == "false" {
+            let e: f64 = value
+                .parse()
+                .unwrap_or_else(|_| panic!("{norm}: {value:?}"));
+            assert!((0.0..=100.0).contains(&e), "{norm}: {e}");
+        } else if !keeps_running_stats {
+            assert_eq!(value, "", "{norm} has no running statistics");
+        }
+    }
+    let summary = read(&out, "summary.csv");
+    assert!(summary
+        .lines()
+        .next()
+        .unwrap()
+        .contains("test_error_precise_mean"));
+    let manifest = read(&out, "manifest.json");
+    assert!(manifest.contains("gn:groups=8+ws"), "{manifest}");
+}
