@@ -297,6 +297,17 @@ impl ConvNorm {
             Mode::BatchStats => self.norm.forward_batch_stats(&y)?,
         })
     }
+
+    /// Convolution, normalizer and ReLU, the ReLU left out after a norm-activation layer (FRN
+    /// with TLU, EvoNorm), which replaces normalizer + ReLU as in timm.
+    fn forward_act(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
+        let y = self.forward(x, mode)?;
+        if self.norm.norm_spec().is_norm_activation() {
+            Ok(y)
+        } else {
+            Ok(y.relu()?)
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -308,7 +319,7 @@ struct Block {
 
 impl Block {
     fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
-        let y = self.first.forward(x, mode)?.relu()?;
+        let y = self.first.forward_act(x, mode)?;
         let y = self.second.forward(&y, mode)?;
         let skip = match &self.shortcut {
             Some(s) => s.forward(x, mode)?,
@@ -384,7 +395,7 @@ impl ResNet {
 
     /// Logits (N, classes) for images (N, C, H, W).
     pub fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
-        let mut y = self.stem.forward(x, mode)?.relu()?;
+        let mut y = self.stem.forward_act(x, mode)?;
         for block in &self.blocks {
             y = block.forward(&y, mode)?;
         }
@@ -711,6 +722,55 @@ mod tests {
         }
         let last = *ModelConfig::default().convolutions(3, 16).last().unwrap();
         assert_eq!((last.cout, last.out_side()), (64, 4));
+    }
+
+    #[test]
+    fn no_relu_follows_a_norm_activation_layer() {
+        let x = Tensor::randn(0f32, 1.0, (2, 3, 8, 8), &Device::Cpu).unwrap();
+        let min = |t: &Tensor| {
+            t.flatten_all()
+                .unwrap()
+                .min(0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        };
+        for (norm, own_activation) in [
+            ("bn", false),
+            ("frn:tlu=false", false),
+            ("frn", true),
+            ("evonorm-s0:groups=4", true),
+            ("evonorm-b0", true),
+        ] {
+            let vm = VarMap::new();
+            let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
+            let layer = ConvNorm::new(3, 8, 3, 1, norm, (ConvImpl::Fast, false), vb).unwrap();
+            if norm == "frn" {
+                // TLU's threshold below zero, so that its output has negative values.
+                let tau = vm.data().lock().unwrap()["norm.tau"].clone();
+                tau.set(&Tensor::full(-0.5f32, 8, &Device::Cpu).unwrap())
+                    .unwrap();
+            }
+            let plain = layer.forward(&x, Mode::Train).unwrap();
+            let act = layer.forward_act(&x, Mode::Train).unwrap();
+            assert!(min(&plain) < 0.0, "{norm}: a test without negative values");
+            let expected = if own_activation {
+                plain
+            } else {
+                plain.relu().unwrap()
+            };
+            let diff = (act - expected).unwrap().abs().unwrap();
+            assert_eq!(
+                diff.flatten_all()
+                    .unwrap()
+                    .max(0)
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap(),
+                0.0,
+                "{norm}"
+            );
+        }
     }
 
     #[test]

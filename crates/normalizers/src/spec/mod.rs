@@ -256,6 +256,17 @@ impl NormSpec {
         )
     }
 
+    /// Whether the layer brings its own nonlinearity and replaces normalizer + ReLU, as timm's
+    /// norm-act layers do: `frn` with its TLU, `evonorm-s0` (x·σ(v·x)) and `evonorm-b0`
+    /// (x / max(…, v·x + …)). A model puts no ReLU after such a layer.
+    pub fn is_norm_activation(&self) -> bool {
+        match self {
+            NormSpec::Frn(c) => c.tlu,
+            NormSpec::EvoNormS0(_) | NormSpec::EvoNormB0(_) => true,
+            _ => false,
+        }
+    }
+
     /// The value of option `key` (one of [`KEYS`]'), as it prints.
     fn get(&self, key: &str) -> String {
         let c = self.common();
