@@ -113,7 +113,7 @@ impl CustomOp3 for NormOp {
 }
 
 /// Whether `t` is contiguous and covers its whole buffer from the start.
-fn whole_buffer(t: &Tensor) -> bool {
+pub(super) fn whole_buffer(t: &Tensor) -> bool {
     let (s, l) = t.storage_and_layout();
     let len = match &*s {
         candle_core::Storage::Cpu(CpuStorage::F32(v)) => v.len(),

@@ -21,7 +21,9 @@
 
 use super::parallel::for_each_index;
 use candle_core::backend::BackendStorage;
-use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Storage, Tensor, WithDType};
+use candle_core::{
+    bail, CpuStorage, CustomOp2, InplaceOp2, Layout, Result, Shape, Storage, Tensor, WithDType,
+};
 use std::sync::Mutex;
 
 /// Which per-sample layer the op computes.
@@ -147,13 +149,18 @@ impl SampleLayer {
         }
     }
 
-    /// The backward of one sample: writes dx and adds the params' gradients (K, C) to `dp`.
-    #[allow(clippy::too_many_arguments)]
-    fn backward<T: Elem>(
+    /// Whether the backward can write dx over dy ([`Self::backward_over`] without a copy).
+    fn overwrites_dy(self) -> bool {
+        !matches!(self, SampleLayer::EvoNormS0 { .. })
+    }
+
+    /// The backward of one sample with `g` holding dy on entry and dx on return (each value of
+    /// dy is read before its dx is written); adds the params' gradients to `dp`. EvoNorm-S0
+    /// reads dy after writing, so it goes through a copy.
+    fn backward_over<T: Elem>(
         self,
         x: &[T],
-        dy: &[T],
-        dx: &mut [T],
+        g: &mut [T],
         dp: &mut [f64],
         p: &[f64],
         d: Dims,
@@ -164,7 +171,7 @@ impl SampleLayer {
             SampleLayer::Rms => {
                 let r = rms_scale(x, eps);
                 let mut gx = 0.0;
-                for (ch, (xc, dc)) in x.chunks(s).zip(dy.chunks(s)).enumerate() {
+                for (ch, (xc, dc)) in x.chunks(s).zip(g.chunks(s)).enumerate() {
                     let dot: f64 = xc
                         .iter()
                         .zip(dc)
@@ -174,31 +181,21 @@ impl SampleLayer {
                     dp[ch] += dot * r;
                 }
                 let k = r * r * r * gx / x.len() as f64;
-                for (ch, ((xc, dc), oc)) in x
-                    .chunks(s)
-                    .zip(dy.chunks(s))
-                    .zip(dx.chunks_mut(s))
-                    .enumerate()
-                {
+                for (ch, (xc, oc)) in x.chunks(s).zip(g.chunks_mut(s)).enumerate() {
                     let rw = r * p[ch];
-                    for ((o, xv), g) in oc.iter_mut().zip(xc).zip(dc) {
-                        *o = T::from_f64(rw * g.to_f64() - xv.to_f64() * k);
+                    for (o, xv) in oc.iter_mut().zip(xc) {
+                        *o = T::from_f64(rw * o.to_f64() - xv.to_f64() * k);
                     }
                 }
             }
             SampleLayer::Frn { tlu } => {
-                for (ch, ((xc, dc), oc)) in x
-                    .chunks(s)
-                    .zip(dy.chunks(s))
-                    .zip(dx.chunks_mut(s))
-                    .enumerate()
-                {
+                for (ch, (xc, oc)) in x.chunks(s).zip(g.chunks_mut(s)).enumerate() {
                     let r = rms_scale(xc, eps);
                     let (w, b, tau) = (p[ch], p[c + ch], p[2 * c + ch]);
                     let (mut sw, mut sb, mut st, mut gx) = (0.0, 0.0, 0.0, 0.0);
-                    // du per value, held in dx until the second pass.
-                    for ((o, xv), dz) in oc.iter_mut().zip(xc).zip(dc) {
-                        let (x, dz) = (xv.to_f64(), dz.to_f64());
+                    // du per value, over dz, until the second pass.
+                    for (o, xv) in oc.iter_mut().zip(xc) {
+                        let (x, dz) = (xv.to_f64(), o.to_f64());
                         let u = w * x * r + b;
                         let du = if tlu { dz * tlu_pass(u, tau) } else { dz };
                         st += dz - du;
@@ -217,6 +214,31 @@ impl SampleLayer {
                         *o = T::from_f64(r * w * o.to_f64() - xv.to_f64() * k);
                     }
                 }
+            }
+            SampleLayer::EvoNormS0 { .. } => {
+                let dy = g.to_vec();
+                self.backward(x, &dy, g, dp, p, d, eps);
+            }
+        }
+    }
+
+    /// The backward of one sample: writes dx and adds the params' gradients (K, C) to `dp`.
+    #[allow(clippy::too_many_arguments)]
+    fn backward<T: Elem>(
+        self,
+        x: &[T],
+        dy: &[T],
+        dx: &mut [T],
+        dp: &mut [f64],
+        p: &[f64],
+        d: Dims,
+        eps: f64,
+    ) {
+        let Dims { c, s } = d;
+        match self {
+            SampleLayer::Rms | SampleLayer::Frn { .. } => {
+                dx.copy_from_slice(dy);
+                self.backward_over(x, dx, dp, p, d, eps);
             }
             SampleLayer::EvoNormS0 { groups } => {
                 let cg = c / groups;
@@ -317,28 +339,32 @@ impl SampleOp {
         y
     }
 
+    /// The backward over all samples into `dx`, from `dy`, or with `dy` None from the dy that
+    /// `dx` holds on entry; returns the params' gradients.
     fn run_backward<T: Elem>(
         &self,
         x: &[T],
-        p: &[T],
-        dy: &[T],
+        p: &[f64],
+        dy: Option<&[T]>,
+        dx: &mut [T],
         shape: &[usize],
-    ) -> (Vec<T>, Vec<T>) {
+    ) -> Vec<T> {
         let (n, d) = self.dims(shape);
-        let p: Vec<f64> = p.iter().map(|v| v.to_f64()).collect();
-        let mut dx = vec![T::zero(); x.len()];
         let mut dps = vec![0.0f64; n * p.len()];
         let per = d.c * d.s;
         {
-            let outs = per_sample(&mut dx, n);
+            let outs = per_sample(dx, n);
             let parts = per_sample(&mut dps, n);
             for_each_index(n, per, |i| {
                 let mut out = outs[i].lock().expect("sample slot");
                 let mut dp = parts[i].lock().expect("sample slot");
                 let span = i * per..(i + 1) * per;
-                let (xs, dys) = (&x[span.clone()], &dy[span]);
-                self.layer
-                    .backward(xs, dys, &mut out, &mut dp, &p, d, self.eps);
+                let xs = &x[span.clone()];
+                let (layer, eps) = (self.layer, self.eps);
+                match dy {
+                    Some(dy) => layer.backward(xs, &dy[span], &mut out, &mut dp, p, d, eps),
+                    None => layer.backward_over(xs, &mut out, &mut dp, p, d, eps),
+                }
             });
         }
         // The samples' parameter gradients, added in sample order.
@@ -348,7 +374,65 @@ impl SampleOp {
                 *acc += v;
             }
         }
-        (dx, dp.into_iter().map(T::from_f64).collect())
+        dp.into_iter().map(T::from_f64).collect()
+    }
+
+    /// dx written over dy's own buffer (see [`OverDy`]), and the params' gradients.
+    fn backward_over_dy(&self, x: &Tensor, p: &Tensor, dy: Tensor) -> Result<(Tensor, Tensor)> {
+        let op = OverDy {
+            op: self,
+            p: p.to_dtype(candle_core::DType::F64)?
+                .to_vec2::<f64>()?
+                .concat(),
+            dp: Mutex::new(None),
+        };
+        dy.inplace_op2(x, &op)?;
+        let Some(dp) = op.dp.into_inner().ok().flatten() else {
+            bail!("fused normalization: the backward pass left no parameter gradient");
+        };
+        Ok((
+            dy,
+            Tensor::from_vec(dp, p.shape(), p.device())?.to_dtype(p.dtype())?,
+        ))
+    }
+}
+
+/// The backward of RMSNorm and FRN writing dx over dy: candle's backprop hands each op the
+/// output gradient it summed for that node alone and drops it after the call (as
+/// `ops::OverDy` uses for the other kernels), which saves dx's allocation and its page faults.
+struct OverDy<'a> {
+    op: &'a SampleOp,
+    /// The params (K, C), row-major, in f64.
+    p: Vec<f64>,
+    dp: Mutex<Option<Vec<f64>>>,
+}
+
+impl InplaceOp2 for OverDy<'_> {
+    fn name(&self) -> &'static str {
+        "normbench-fused-sample-norm-backward"
+    }
+
+    fn cpu_fwd(&self, dy: &mut CpuStorage, _: &Layout, xs: &CpuStorage, xl: &Layout) -> Result<()> {
+        let shape = xl.dims();
+        let dp: Vec<f64> = match dy {
+            CpuStorage::F32(g) => {
+                let x = slice::<f32>(xs, xl, "input")?;
+                let dp = self.op.run_backward::<f32>(x, &self.p, None, g, shape);
+                dp.into_iter().map(f64::from).collect()
+            }
+            CpuStorage::F64(g) => {
+                let x = slice::<f64>(xs, xl, "input")?;
+                self.op.run_backward::<f64>(x, &self.p, None, g, shape)
+            }
+            other => bail!(
+                "fused normalization takes f32 or f64, got {:?}",
+                other.dtype()
+            ),
+        };
+        if let Ok(mut slot) = self.dp.lock() {
+            *slot = Some(dp);
+        }
+        Ok(())
     }
 }
 
@@ -392,6 +476,15 @@ impl CustomOp2 for SampleOp {
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let dy = dy.contiguous()?;
+        if self.layer.overwrites_dy()
+            && x.track_op()
+            && dy.dtype() == x.dtype()
+            && x.is_contiguous()
+            && super::ops::whole_buffer(&dy)
+        {
+            let (dx, dp) = self.backward_over_dy(x, p, dy)?;
+            return Ok((Some(dx), p.track_op().then_some(dp)));
+        }
         let (xs, xl) = x.storage_and_layout();
         let (ps, pl) = p.storage_and_layout();
         let (ds, dl) = dy.storage_and_layout();
@@ -400,10 +493,17 @@ impl CustomOp2 for SampleOp {
         };
         macro_rules! run {
             ($t:ty) => {{
-                let (dx, dp) = self.run_backward::<$t>(
+                let p64: Vec<f64> = slice::<$t>(ps, pl, "params")?
+                    .iter()
+                    .map(|v| v.to_f64())
+                    .collect();
+                let dy = slice::<$t>(ds, dl, "output gradient")?;
+                let mut dx = vec![<$t>::from_f64(0.0); dy.len()];
+                let dp = self.run_backward::<$t>(
                     slice(xs, xl, "input")?,
-                    slice(ps, pl, "params")?,
-                    slice(ds, dl, "output gradient")?,
+                    &p64,
+                    Some(dy),
+                    &mut dx,
                     x.dims(),
                 );
                 (
