@@ -324,6 +324,22 @@ fn tables(args: &BenchArgs, shapes: &[[usize; 4]], threads: usize) -> Result<Fus
     }
     let (classic, sample) = split_norms(&args.norms)?;
     let mut fused = Vec::new();
+    if !classic.is_empty() {
+        classic_tables(args, &classic, shapes, threads, &mut fused)?;
+    }
+    sample_table(&sample, shapes, args.min_time, threads)?;
+    Ok(fused)
+}
+
+/// The table of bn, gn, ln, in (`classic`) against their reference twins and candle-nn, a
+/// section per shape; the fused kernels' times go to `fused` for the scaling table.
+fn classic_tables(
+    args: &BenchArgs,
+    classic: &[&String],
+    shapes: &[[usize; 4]],
+    threads: usize,
+    fused: &mut FusedTimes,
+) -> Result<()> {
     println!(
         "## Normalization layers, training forward and forward+backward, {threads} thread(s)\n"
     );
@@ -398,6 +414,5 @@ fn tables(args: &BenchArgs, shapes: &[[usize; 4]], threads: usize) -> Result<Fus
         }
         println!();
     }
-    sample_table(&sample, shapes, args.min_time, threads)?;
-    Ok(fused)
+    Ok(())
 }

@@ -31,9 +31,10 @@ pub fn table(norms: &[&str], shapes: &[[usize; 4]], min_time: f64, threads: usiz
     }
     println!("## Per-sample layers: fused kernel vs the same layer composed of candle ops, {threads} thread(s)\n");
     println!(
-        "f32, NCHW. Forward+backward net as above (autograd through `(y * r).sum_all()`, less \
-         the identity harness). The composed layer (`impl=reference`) computes in f64, as every \
-         reference twin.\n"
+        "f32, NCHW. Forward+backward is `(y * r).sum_all()?.backward()` through candle's \
+         autograd, less the same harness on an identity layer (the median of paired differences, \
+         the two calls alternating). The composed layer (`impl=reference`) computes in f64, as \
+         every reference twin.\n"
     );
     println!("| norm | shape | fused fwd (ms) | composed fwd (ms) | fused fwd+bwd (ms) | composed fwd+bwd (ms) | fwd+bwd speed-up |");
     println!("|---|---|---:|---:|---:|---:|---:|");

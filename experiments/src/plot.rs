@@ -11,7 +11,9 @@ use plotters::style::{register_font, FontStyle};
 use std::path::Path;
 use std::sync::Once;
 
-pub const COLORS: [RGBColor; 8] = [
+/// Line colours: Tableau's ten, then black and navy, so that a sweep of up to twelve
+/// normalizers (`results/remedies/` has eleven) draws no two lines alike.
+pub const COLORS: [RGBColor; 12] = [
     RGBColor(31, 119, 180),
     RGBColor(214, 39, 40),
     RGBColor(44, 160, 44),
@@ -20,6 +22,10 @@ pub const COLORS: [RGBColor; 8] = [
     RGBColor(140, 86, 75),
     RGBColor(227, 119, 194),
     RGBColor(127, 127, 127),
+    RGBColor(188, 189, 34),
+    RGBColor(23, 190, 207),
+    RGBColor(0, 0, 0),
+    RGBColor(0, 0, 128),
 ];
 
 pub fn register_fonts() {
