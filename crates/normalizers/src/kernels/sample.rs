@@ -22,7 +22,8 @@
 use super::parallel::for_each_index;
 use candle_core::backend::BackendStorage;
 use candle_core::{
-    bail, CpuStorage, CustomOp2, InplaceOp2, Layout, Result, Shape, Storage, Tensor, WithDType,
+    bail, CpuStorage, CustomOp2, DType, InplaceOp2, Layout, Result, Shape, Storage, Tensor,
+    WithDType,
 };
 use std::sync::Mutex;
 
@@ -340,7 +341,7 @@ impl SampleOp {
     }
 
     /// The backward over all samples into `dx`, from `dy`, or with `dy` None from the dy that
-    /// `dx` holds on entry; returns the params' gradients.
+    /// `dx` holds on entry; returns the params' gradients, in f64.
     fn run_backward<T: Elem>(
         &self,
         x: &[T],
@@ -348,7 +349,7 @@ impl SampleOp {
         dy: Option<&[T]>,
         dx: &mut [T],
         shape: &[usize],
-    ) -> Vec<T> {
+    ) -> Vec<f64> {
         let (n, d) = self.dims(shape);
         let mut dps = vec![0.0f64; n * p.len()];
         let per = d.c * d.s;
@@ -374,26 +375,22 @@ impl SampleOp {
                 *acc += v;
             }
         }
-        dp.into_iter().map(T::from_f64).collect()
+        dp
     }
 
-    /// dx written over dy's own buffer (see [`OverDy`]), and the params' gradients.
-    fn backward_over_dy(&self, x: &Tensor, p: &Tensor, dy: Tensor) -> Result<(Tensor, Tensor)> {
+    /// dx written over dy's own buffer (see [`OverDy`]), and the params' gradients in f64;
+    /// `p` the params (K, C) in f64, row-major.
+    fn backward_over_dy(&self, x: &Tensor, p: Vec<f64>, dy: Tensor) -> Result<(Tensor, Vec<f64>)> {
         let op = OverDy {
             op: self,
-            p: p.to_dtype(candle_core::DType::F64)?
-                .to_vec2::<f64>()?
-                .concat(),
+            p,
             dp: Mutex::new(None),
         };
         dy.inplace_op2(x, &op)?;
         let Some(dp) = op.dp.into_inner().ok().flatten() else {
             bail!("fused normalization: the backward pass left no parameter gradient");
         };
-        Ok((
-            dy,
-            Tensor::from_vec(dp, p.shape(), p.device())?.to_dtype(p.dtype())?,
-        ))
+        Ok((dy, dp))
     }
 }
 
@@ -416,13 +413,12 @@ impl InplaceOp2 for OverDy<'_> {
         let shape = xl.dims();
         let dp: Vec<f64> = match dy {
             CpuStorage::F32(g) => {
-                let x = slice::<f32>(xs, xl, "input")?;
-                let dp = self.op.run_backward::<f32>(x, &self.p, None, g, shape);
-                dp.into_iter().map(f64::from).collect()
+                self.op
+                    .run_backward::<f32>(slice(xs, xl, "input")?, &self.p, None, g, shape)
             }
             CpuStorage::F64(g) => {
-                let x = slice::<f64>(xs, xl, "input")?;
-                self.op.run_backward::<f64>(x, &self.p, None, g, shape)
+                self.op
+                    .run_backward::<f64>(slice(xs, xl, "input")?, &self.p, None, g, shape)
             }
             other => bail!(
                 "fused normalization takes f32 or f64, got {:?}",
@@ -476,46 +472,37 @@ impl CustomOp2 for SampleOp {
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let dy = dy.contiguous()?;
-        if self.layer.overwrites_dy()
+        // The params are (K, C), a few rows of per-channel values: read once, in f64.
+        let p64 = p.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
+        let (dx, dp) = if self.layer.overwrites_dy()
             && x.track_op()
             && dy.dtype() == x.dtype()
             && x.is_contiguous()
             && super::ops::whole_buffer(&dy)
         {
-            let (dx, dp) = self.backward_over_dy(x, p, dy)?;
-            return Ok((Some(dx), p.track_op().then_some(dp)));
-        }
-        let (xs, xl) = x.storage_and_layout();
-        let (ps, pl) = p.storage_and_layout();
-        let (ds, dl) = dy.storage_and_layout();
-        let (Storage::Cpu(xs), Storage::Cpu(ps), Storage::Cpu(ds)) = (&*xs, &*ps, &*ds) else {
-            bail!("fused normalization: operands must be on the CPU");
+            self.backward_over_dy(x, p64, dy)?
+        } else {
+            let (xs, xl) = x.storage_and_layout();
+            let (ds, dl) = dy.storage_and_layout();
+            let (Storage::Cpu(xs), Storage::Cpu(ds)) = (&*xs, &*ds) else {
+                bail!("fused normalization: operands must be on the CPU");
+            };
+            macro_rules! run {
+                ($t:ty) => {{
+                    let dy = slice::<$t>(ds, dl, "output gradient")?;
+                    let mut dx = vec![<$t>::from_f64(0.0); dy.len()];
+                    let xv = slice(xs, xl, "input")?;
+                    let dp = self.run_backward::<$t>(xv, &p64, Some(dy), &mut dx, x.dims());
+                    (Tensor::from_vec(dx, x.shape(), x.device())?, dp)
+                }};
+            }
+            match xs {
+                CpuStorage::F32(_) => run!(f32),
+                _ => run!(f64),
+            }
         };
-        macro_rules! run {
-            ($t:ty) => {{
-                let p64: Vec<f64> = slice::<$t>(ps, pl, "params")?
-                    .iter()
-                    .map(|v| v.to_f64())
-                    .collect();
-                let dy = slice::<$t>(ds, dl, "output gradient")?;
-                let mut dx = vec![<$t>::from_f64(0.0); dy.len()];
-                let dp = self.run_backward::<$t>(
-                    slice(xs, xl, "input")?,
-                    &p64,
-                    Some(dy),
-                    &mut dx,
-                    x.dims(),
-                );
-                (
-                    Tensor::from_vec(dx, x.shape(), x.device())?,
-                    Tensor::from_vec(dp, p.shape(), p.device())?,
-                )
-            }};
-        }
-        let (dx, dp) = match xs {
-            CpuStorage::F32(_) => run!(f32),
-            _ => run!(f64),
-        };
+        // f64 to the params' dtype: the same rounding as each value's `from_f64`.
+        let dp = Tensor::from_vec(dp, p.shape(), p.device())?.to_dtype(p.dtype())?;
         Ok((x.track_op().then_some(dx), p.track_op().then_some(dp)))
     }
 }
