@@ -30,9 +30,9 @@ fn cpu_model() -> String {
         .unwrap_or_else(|| "unknown".into())
 }
 
-/// What a sweep's manifest says that does not change while it runs. The source tree (commit and
-/// whether tracked files differed from it) is read once, when the sweep starts, so that the
-/// final manifest does not name a commit made while it ran.
+/// What a sweep's manifest says that does not change while it runs, read once when the sweep
+/// starts: the source tree (commit, and whether tracked files differed from it) so that the
+/// final manifest does not name a commit made while it ran, and the machine's CPU.
 pub struct Manifest {
     /// The plan's own description: settings, grid, shard.
     plan: serde_json::Value,
@@ -40,6 +40,7 @@ pub struct Manifest {
     threads_per_job: usize,
     runs_in_plan: usize,
     start: String,
+    cpu: String,
     commit: String,
     dirty: Option<bool>,
 }
@@ -57,6 +58,7 @@ impl Manifest {
             threads_per_job,
             runs_in_plan: runs,
             start: now(),
+            cpu: cpu_model(),
             commit: command_output("git", &["rev-parse", "HEAD"])
                 .unwrap_or_else(|| "unknown".into()),
             dirty: command_output("git", &["status", "--porcelain", "--untracked-files=no"])
@@ -85,7 +87,7 @@ impl Manifest {
             "threads_per_job": self.threads_per_job,
             "os": std::env::consts::OS,
             "arch": std::env::consts::ARCH,
-            "cpu": cpu_model(),
+            "cpu": self.cpu,
             "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
             "start_time": self.start,
             "end_time": end,

@@ -140,6 +140,17 @@ impl Plan {
         settings
     }
 
+    /// The manifest's description of the plan: its settings, grid and shard.
+    fn manifest_fields(&self) -> serde_json::Value {
+        json!({
+            "settings": self.settings(),
+            "norms": self.norms,
+            "batch_sizes": self.batch_sizes,
+            "seeds": self.seeds,
+            "shard": self.shard.map(|(i, n)| format!("{i}/{n}")),
+        })
+    }
+
     /// A stable name for the sweep's settings: `sweep-` and 8 hex digits of their FNV-1a hash.
     pub fn id(&self) -> String {
         let text = self.settings().to_string();
@@ -269,19 +280,6 @@ fn check_train(t: &TrainConfig) -> Result<()> {
         t.epochs
     );
     Ok(())
-}
-
-/// The manifest's description of a plan: its settings, grid and shard.
-impl Plan {
-    fn manifest_fields(&self) -> serde_json::Value {
-        json!({
-            "settings": self.settings(),
-            "norms": self.norms,
-            "batch_sizes": self.batch_sizes,
-            "seeds": self.seeds,
-            "shard": self.shard.map(|(i, n)| format!("{i}/{n}")),
-        })
-    }
 }
 
 enum Event {
