@@ -41,8 +41,8 @@ impl Dataset {
     }
 }
 
-/// Where a data set comes from: `synthetic[:train=N,test=N,size=S,seed=K,jitter=D,exposure=E,
-/// envelope=F,contrast=C]`, `mnist:DIR`, `cifar10:DIR`.
+/// Where a data set comes from: `synthetic[:train=N,test=N,size=S,seed=K,classes=K,jitter=D,
+/// exposure=E,envelope=F,contrast=C]`, `mnist:DIR`, `cifar10:DIR`.
 #[derive(Debug, Clone, PartialEq)]
 pub enum DatasetSpec {
     Synthetic(SyntheticConfig),
@@ -57,7 +57,10 @@ pub struct SyntheticConfig {
     pub test: usize,
     pub size: usize,
     pub seed: u64,
-    /// Each image's orientation is its class's ± up to this many degrees (classes are 18° apart).
+    /// Number of classes: orientations 180°/classes apart.
+    pub classes: usize,
+    /// Each image's orientation is its class's ± up to this many degrees (classes are
+    /// 180°/classes apart: 18° with the default 10).
     pub jitter: f32,
     /// Each image's exposure (gain) is e^u, u uniform in ± this.
     pub exposure: f32,
@@ -74,6 +77,7 @@ impl Default for SyntheticConfig {
             test: 2000,
             size: 16,
             seed: 0,
+            classes: 10,
             jitter: 4.0,
             exposure: 0.5,
             envelope: 1.0,
@@ -104,13 +108,21 @@ impl SyntheticConfig {
             "test" => self.test = whole()? as usize,
             "size" => self.size = whole()? as usize,
             "seed" => self.seed = whole()?,
+            "classes" => {
+                let k = whole()?;
+                ensure!(
+                    (2..=90).contains(&k),
+                    "--dataset option classes={k} is out of range; use 2 to 90"
+                );
+                self.classes = k as usize;
+            }
             "jitter" => self.jitter = number(0.0, 45.0)?,
             "exposure" => self.exposure = number(0.0, 3.0)?,
             "envelope" => self.envelope = number(0.25, 4.0)?,
             "contrast" => self.contrast = number(0.0, 1.0)?,
             _ => bail!(
                 "unknown --dataset option {key:?}; synthetic takes train, test, size, seed, \
-                 jitter, exposure, envelope, contrast"
+                 classes, jitter, exposure, envelope, contrast"
             ),
         }
         Ok(())
@@ -160,6 +172,9 @@ impl fmt::Display for DatasetSpec {
                 )?;
                 // Difficulty keys only where they differ, so that older sweep ids still resume.
                 let d = SyntheticConfig::default();
+                if c.classes != d.classes {
+                    write!(f, ",classes={}", c.classes)?;
+                }
                 for (key, v, default) in [
                     ("jitter", c.jitter, d.jitter),
                     ("exposure", c.exposure, d.exposure),
@@ -182,7 +197,7 @@ impl DatasetSpec {
     /// (channels, side, classes, images of both splits) before loading: what sizing needs.
     pub fn shape(&self) -> (usize, usize, usize, u128) {
         match self {
-            DatasetSpec::Synthetic(c) => (3, c.size, 10, c.train as u128 + c.test as u128),
+            DatasetSpec::Synthetic(c) => (3, c.size, c.classes, c.train as u128 + c.test as u128),
             DatasetSpec::Mnist(_) => (1, 28, 10, 70_000),
             DatasetSpec::Cifar10(_) => (3, 32, 10, 60_000),
         }
@@ -229,8 +244,8 @@ fn standardize(ds: &mut Dataset) {
     }
 }
 
-/// The embedded data set: 10 classes of colour images whose class is the orientation of a
-/// grating patch (0°, 18°, …, 162°). Nuisances: the patch's position and size, the grating's
+/// The embedded data set: `classes` classes (10 by default) of colour images whose class is
+/// the orientation of a grating patch (0°, 18°, …, 162° with 10). Nuisances: the patch's position and size, the grating's
 /// frequency and phase, the two colours of the grating and the background's, the contrast, and
 /// pixel noise. None of them depends on the class, so per-image colour statistics reveal nothing
 /// about it. Generated deterministically from `seed` (ChaCha8).
@@ -240,7 +255,7 @@ pub fn synthetic(cfg: SyntheticConfig) -> Dataset {
         let mut images = Vec::with_capacity(n * 3 * cfg.size * cfg.size);
         let mut labels = Vec::with_capacity(n);
         for i in 0..n {
-            let label = (i % 10) as u8;
+            let label = (i % cfg.classes) as u8;
             images.extend(grating_image(label, &cfg, &mut rng));
             labels.push(label);
         }
@@ -252,7 +267,7 @@ pub fn synthetic(cfg: SyntheticConfig) -> Dataset {
         channels: 3,
         height: cfg.size,
         width: cfg.size,
-        classes: 10,
+        classes: cfg.classes,
         train,
         test,
     }
@@ -263,7 +278,7 @@ fn grating_image(label: u8, cfg: &SyntheticConfig, rng: &mut ChaCha8Rng) -> Vec<
     let s = size as f32;
     // Each draw is the default's, then scaled, so that the default data set keeps its bits.
     let jitter = rng.random_range(-4.0f32..4.0) * (cfg.jitter / 4.0);
-    let theta = (label as f32 * 18.0 + jitter) * PI / 180.0;
+    let theta = (label as f32 * (180.0 / cfg.classes as f32) + jitter) * PI / 180.0;
     let freq = rng.random_range(0.16..0.30);
     let phase = rng.random_range(0.0..2.0 * PI);
     let (cx, cy) = (
@@ -522,6 +537,14 @@ mod tests {
         }
         let c = synthetic(SyntheticConfig { seed: 4, ..cfg });
         assert_ne!(a.train.images, c.train.images);
+        let twenty = synthetic(SyntheticConfig { classes: 20, ..cfg });
+        assert_eq!(twenty.classes, 20);
+        for class in 0..20u8 {
+            assert_eq!(
+                twenty.train.labels.iter().filter(|&&l| l == class).count(),
+                2
+            );
+        }
     }
 
     /// One-way ANOVA F statistic of `values` grouped by `labels` (about 1 when the groups do
@@ -644,6 +667,12 @@ mod tests {
             "synthetic:train=6000,test=2000,size=16,seed=0,jitter=10,exposure=1.5,envelope=1.6,contrast=1"
         );
         assert_eq!(text.parse::<DatasetSpec>().unwrap(), hard);
+        let many: DatasetSpec = "synthetic:classes=20".parse().unwrap();
+        assert_eq!(
+            many.to_string(),
+            "synthetic:train=6000,test=2000,size=16,seed=0,classes=20"
+        );
+        assert_eq!(many.shape().2, 20);
     }
 
     #[test]
@@ -705,6 +734,8 @@ mod tests {
             ("synthetic:depth=3", "unknown --dataset option"),
             ("synthetic:size=4", "out of range"),
             ("synthetic:jitter=50", "out of range"),
+            ("synthetic:classes=1", "out of range"),
+            ("synthetic:classes=91", "out of range"),
             ("synthetic:exposure=-1", "out of range"),
             ("synthetic:contrast=x", "not a number"),
         ] {
