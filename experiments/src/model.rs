@@ -1,5 +1,6 @@
-//! A small ResNet for the sweep: a 3×3 stem, three stages of residual blocks at widths w, 2w,
-//! 4w (the first block of stages 2 and 3 halves the resolution, with a 1×1 projection shortcut),
+//! A small ResNet for the sweep: a 3×3 stem, three (or `stages`) stages of residual blocks at
+//! widths w, 2w, 4w, … (the first block of every stage after the first halves the resolution,
+//! with a 1×1 projection shortcut),
 //! global average pooling and a linear classifier. A normalizer, chosen by spec, follows every
 //! convolution; the last normalizer of each residual block starts with weight 0 (Goyal et al.
 //! 2017, as in the GroupNorm paper), so each block starts as the identity.
@@ -16,8 +17,8 @@ use std::fmt;
 use std::str::FromStr;
 use std::sync::Mutex;
 
-/// `resnet:width=W,blocks=B,groups=G,stem=S,dropout=P,init-gain=K,ws=true|false`: stage widths
-/// W, 2W, 4W with B blocks each; G is the group count the sweep gives GroupNorm by default (it
+/// `resnet:width=W,blocks=B,stages=N,groups=G,stem=S,dropout=P,init-gain=K,ws=true|false`: N
+/// stages (3 by default) of widths W, 2W, 4W, … with B blocks each; G is the group count the sweep gives GroupNorm by default (it
 /// must divide W); S the stem's stride; P the dropout probability before the classifier; K a
 /// multiplier on the initial convolution and classifier weights; `ws` Weight Standardization of
 /// every convolution.
@@ -25,6 +26,8 @@ use std::sync::Mutex;
 pub struct ModelConfig {
     pub width: usize,
     pub blocks: usize,
+    /// Stages of blocks, each after the first at half the resolution and twice the width.
+    pub stages: usize,
     pub groups: usize,
     /// The stem convolution's stride: 2 halves the resolution before the first stage, as
     /// ResNet-50's stem quarters it.
@@ -42,6 +45,7 @@ impl Default for ModelConfig {
         Self {
             width: 16,
             blocks: 1,
+            stages: 3,
             groups: 8,
             stem: 1,
             dropout: 0.0,
@@ -51,7 +55,7 @@ impl Default for ModelConfig {
     }
 }
 
-const MODEL_KEYS: &str = "width, blocks, groups, stem, dropout, init-gain, ws";
+const MODEL_KEYS: &str = "width, blocks, stages, groups, stem, dropout, init-gain, ws";
 
 /// A `--model` option's value as a number in `range`; names the key and the range otherwise.
 fn model_number(
@@ -82,6 +86,13 @@ impl ModelConfig {
         match key {
             "width" => self.width = whole()?,
             "blocks" => self.blocks = whole()?,
+            "stages" => {
+                self.stages = whole()?;
+                ensure!(
+                    self.stages <= 5,
+                    "--model option stages={text} is out of range; use 1 to 5"
+                );
+            }
             "groups" => self.groups = whole()?,
             "stem" => {
                 self.stem = whole()?;
@@ -114,8 +125,8 @@ impl FromStr for ModelConfig {
         let (name, opts) = s.split_once(':').unwrap_or((s, ""));
         ensure!(
             name == "resnet",
-            "unknown model {name:?}; expected resnet[:width=W,blocks=B,groups=G,stem=S,dropout=P,\
-             init-gain=K,ws=true]"
+            "unknown model {name:?}; expected resnet[:width=W,blocks=B,stages=N,groups=G,stem=S,\
+             dropout=P,init-gain=K,ws=true]"
         );
         let mut cfg = ModelConfig::default();
         for (k, v) in crate::options::key_values(opts, "--model", s)? {
@@ -139,6 +150,9 @@ impl fmt::Display for ModelConfig {
             self.width, self.blocks, self.groups
         )?;
         // Only where they differ, so that older sweep ids still resume.
+        if self.stages != 3 {
+            write!(f, ",stages={}", self.stages)?;
+        }
         if self.stem != 1 {
             write!(f, ",stem={}", self.stem)?;
         }
@@ -185,7 +199,7 @@ impl ModelConfig {
         };
         let mut convs = vec![conv(in_channels, self.width, 3, self.stem, side)];
         let (mut side, mut cin) = (side.div_ceil(self.stem), self.width);
-        for stage in 0..3 {
+        for stage in 0..self.stages {
             let cout = self.width << stage;
             for b in 0..self.blocks {
                 let stride = if stage > 0 && b == 0 { 2 } else { 1 };
@@ -215,7 +229,7 @@ impl ModelConfig {
         // The widths are checked against memory only here: count in u128, before any
         // product of them could overflow.
         let w = self.width as u128;
-        let widest = w.saturating_mul(4);
+        let widest = w.saturating_mul(1 << (self.stages - 1));
         if widest > 1 << 40 {
             return u128::MAX;
         }
@@ -362,7 +376,7 @@ impl ResNet {
         let stem = ConvNorm::new(in_channels, w, 3, cfg.stem, norm, conv_impl, vb.pp("stem"))?;
         let mut blocks = Vec::new();
         let mut cin = w;
-        for stage in 0..3 {
+        for stage in 0..cfg.stages {
             let cout = w << stage;
             for b in 0..cfg.blocks {
                 let vb = vb.pp(format!("stage{}.block{b}", stage + 1));
@@ -558,6 +572,16 @@ mod tests {
             strided.to_string(),
             "resnet:width=16,blocks=1,groups=8,stem=2"
         );
+        let deep: ModelConfig = "resnet:stages=4".parse().unwrap();
+        assert_eq!(
+            deep.to_string(),
+            "resnet:width=16,blocks=1,groups=8,stages=4"
+        );
+        let convs = deep.convolutions(3, 16);
+        // Stem, then per stage two 3×3 convolutions, with a shortcut in every stage but the first.
+        assert_eq!(convs.len(), 1 + 2 * 4 + 3);
+        let last = convs.last().unwrap();
+        assert_eq!((last.cout, last.out_side()), (128, 2));
         assert_eq!(strided.to_string().parse::<ModelConfig>().unwrap(), strided);
         let ws: ModelConfig = "resnet:ws=true".parse().unwrap();
         assert!(ws.ws);
@@ -569,6 +593,7 @@ mod tests {
             ("resnet:width=12,groups=8", "must divide"),
             ("resnet:depth=3", "unknown --model option"),
             ("resnet:stem=3", "must be 1 or 2"),
+            ("resnet:stages=6", "use 1 to 5"),
             ("resnet:dropout=1", "dropout must be in [0, 1)"),
             ("resnet:init-gain=0", "init-gain must be a number > 0"),
             ("resnet:dropout=x", "is not a number"),
