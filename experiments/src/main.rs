@@ -117,11 +117,12 @@ struct SweepArgs {
     /// Weight decay on convolution and classifier weights (never on normalizers).
     #[arg(long, default_value_t = 5e-4)]
     weight_decay: f64,
-    /// synthetic[:train=N,test=N,size=S,seed=K,jitter=D,exposure=E,envelope=F,contrast=C],
+    /// synthetic[:train=N,test=N,size=S,seed=K,classes=K,jitter=D,exposure=E,envelope=F,
+    /// contrast=C],
     /// mnist:DIR (IDX files) or cifar10:DIR (binary batches) [default: synthetic].
     #[arg(long)]
     dataset: Option<String>,
-    /// resnet[:width=W,blocks=B,groups=G,stem=S].
+    /// resnet[:width=W,blocks=B,stages=N,groups=G,stem=S,dropout=P,init-gain=K,ws=true].
     #[arg(long, default_value = "resnet")]
     model: String,
     /// Convolution: fast (im2col + matmul with its own backward) or candle (candle's conv2d).
