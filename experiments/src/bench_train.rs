@@ -34,6 +34,10 @@ pub struct BenchArgs {
     /// Minimum measuring time per timed case, in seconds.
     #[arg(long, default_value_t = 0.3)]
     min_time: f64,
+    /// A Python with torch: time the same model's step in PyTorch too
+    /// (`scripts/bench_train_torch.py`, one normalizer at a time, before normbench's rows).
+    #[arg(long, value_name = "PYTHON")]
+    pytorch: Option<std::path::PathBuf>,
 }
 
 fn conv_layer(c: &ConvShape, first: bool) -> ConvLayer {
@@ -114,6 +118,34 @@ fn measure_row(args: &BenchArgs, model: ModelConfig, norm: &str, b: usize) -> Re
     })
 }
 
+/// The table's header; with PyTorch's columns when `torch` names its version.
+fn header(args: &BenchArgs, model: ModelConfig, torch: Option<&str>) {
+    println!(
+        "## Training step of {model} on {0}×{0} images: where the time goes\n",
+        args.size
+    );
+    println!(
+        "f32, {} thread(s). Per image: the whole step (forward, backward, SGD) timed as the \
+         sweep runs it, and its convolutions and normalizers each timed alone at their \
+         shapes (forward+backward, each less a harness on a tensor of its output's shape); the \
+         rest is the step less both. B cost: this batch size's step per image over the \
+         largest batch size's.",
+        args.threads
+    );
+    let mut cols = "| norm | B | step (ms/image) | convolutions | normalizers | rest | conv GFLOP/s | B cost |".to_string();
+    let mut rule = "|---|---:|---:|---:|---:|---:|---:|---:|".to_string();
+    if let Some(v) = torch {
+        println!(
+            "PyTorch {v}: the same model's step (`scripts/bench_train_torch.py`, same threads), \
+             timed just before each normalizer's rows; × PyTorch: its time over normbench's \
+             (above 1: normbench is faster)."
+        );
+        cols += " PyTorch (ms/image) | × PyTorch | PyTorch B cost |";
+        rule += "---:|---:|---:|";
+    }
+    println!("\n{cols}\n{rule}");
+}
+
 pub fn run(args: BenchArgs) -> Result<()> {
     check_args(args.threads, &args.batch_sizes, args.min_time)?;
     ensure!(
@@ -127,27 +159,33 @@ pub fn run(args: BenchArgs) -> Result<()> {
         args.norms.as_deref().unwrap_or(&default_norms),
         model.groups,
     )?;
+    if args.pytorch.is_some() {
+        crate::bench_torch::check_model(&model)?;
+    }
     on_threads(args.threads, || {
-        println!(
-            "## Training step of {model} on {0}×{0} images: where the time goes\n",
-            args.size
-        );
-        println!(
-            "f32, {} thread(s). Per image: the whole step (forward, backward, SGD) timed as the \
-             sweep runs it, and its convolutions and normalizers each timed alone at their \
-             shapes (forward+backward, each less a harness on a tensor of its output's shape); the \
-             rest is the step less both. B cost: this batch size's step per image over the \
-             largest batch size's.\n",
-            args.threads
-        );
-        println!("| norm | B | step (ms/image) | convolutions | normalizers | rest | conv GFLOP/s | B cost |");
-        println!("|---|---:|---:|---:|---:|---:|---:|---:|");
+        let mut headed = false;
         for norm in &norms {
+            let torch = match &args.pytorch {
+                Some(python) => Some(crate::bench_torch::step_times(
+                    python,
+                    &model,
+                    norm,
+                    &args.batch_sizes,
+                    args.size,
+                    args.threads,
+                    args.min_time,
+                )?),
+                None => None,
+            };
+            if !headed {
+                header(&args, model, torch.as_ref().map(|t| t.0.as_str()));
+                headed = true;
+            }
             let mut largest: Option<f64> = None;
-            for &b in &args.batch_sizes {
+            for (i, &b) in args.batch_sizes.iter().enumerate() {
                 let r = measure_row(&args, model, norm, b)?;
                 let base = *largest.get_or_insert(r.step);
-                println!(
+                print!(
                     "| {norm} | {b} | {:.3} | {:.3} ({:.0}%) | {:.3} ({:.0}%) | {:.3} ({:.0}%) | {:.1} | {:.2}× |",
                     r.step,
                     r.conv,
@@ -159,6 +197,17 @@ pub fn run(args: BenchArgs) -> Result<()> {
                     r.gflops,
                     r.step / base
                 );
+                match &torch {
+                    Some((_, t)) => {
+                        println!(
+                            " {:.3} | {:.2}× | {:.2}× |",
+                            t[i],
+                            t[i] / r.step,
+                            t[i] / t[0]
+                        )
+                    }
+                    None => println!(),
+                }
             }
         }
         Ok(())

@@ -6,6 +6,7 @@ mod bench_conv;
 mod bench_layer;
 mod bench_norms;
 mod bench_sample_norms;
+mod bench_torch;
 mod bench_train;
 mod curves;
 mod data;
