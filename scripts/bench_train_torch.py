@@ -4,12 +4,12 @@
 Optional: `experiments bench-train --pytorch PYTHON` runs this script in the same run and puts
 its numbers beside normbench's. Needs torch (`pip install torch`); nothing in the tests does.
 
-The model is `resnet:width=W,blocks=K,groups=G` as `experiments/src/model.rs` builds it: a 3x3
-stem convolution + normalizer + ReLU, three stages of K basic blocks (widths W, 2W, 4W, the
-first block of stages 2 and 3 with stride 2 and a 1x1 convolution + normalizer shortcut), global
-average pooling and a linear classifier; convolutions without bias. The step is forward,
-cross-entropy, backward and SGD (momentum 0.9, weight decay 5e-4, in place), on one random
-batch, f32, NCHW. The normalizers: `bn` BatchNorm2d (training), `gn:groups=G` GroupNorm(G, C),
+The model is `resnet:width=W,blocks=K,stages=N,groups=G` as `experiments/src/model.rs` builds
+it: a 3x3 stem convolution + normalizer + ReLU, N stages (3 by default) of K basic blocks
+(widths W, 2W, 4W, ..., the first block of every stage after the first with stride 2 and a 1x1
+convolution + normalizer shortcut), global average pooling and a linear classifier;
+convolutions without bias. The step is forward, cross-entropy, backward and SGD (momentum 0.9,
+weight decay 5e-4, in place), on one random batch, f32, NCHW. The normalizers: `bn` BatchNorm2d (training), `gn:groups=G` GroupNorm(G, C),
 `ln` GroupNorm(1, C) (normbench's LayerNorm over (C, H, W) with a per-channel affine), `in`
 InstanceNorm2d(C, affine=True).
 
@@ -29,11 +29,12 @@ from torch import nn
 
 def make_norm(spec, c):
     name, _, rest = spec.partition(":")
-    keys = dict(kv.split("=", 1) for kv in rest.split(",") if kv)
+    keys = dict(kv.split("=", 1) if "=" in kv else (kv, "") for kv in rest.split(",") if kv)
+    groups = keys.get("groups", "32")
     if name == "bn" and not keys:
         return nn.BatchNorm2d(c)
-    if name == "gn" and set(keys) <= {"groups"}:
-        return nn.GroupNorm(int(keys.get("groups", 32)), c)
+    if name == "gn" and set(keys) <= {"groups"} and groups.isdigit() and int(groups) > 0:
+        return nn.GroupNorm(int(groups), c)
     if name == "ln" and not keys:
         return nn.GroupNorm(1, c)
     if name == "in" and not keys:
@@ -64,11 +65,11 @@ class Block(nn.Module):
 
 
 class ResNet(nn.Module):
-    def __init__(self, width, blocks, norm, classes=10):
+    def __init__(self, width, blocks, stages, norm, classes=10):
         super().__init__()
         self.stem = ConvNorm(3, width, 3, 1, norm)
         layers, cin = [], width
-        for stage in range(3):
+        for stage in range(stages):
             cout = width << stage
             for b in range(blocks):
                 layers.append(Block(cin, cout, 2 if stage > 0 and b == 0 else 1, norm))
@@ -83,7 +84,7 @@ class ResNet(nn.Module):
 
 def step_ms_per_image(norm, batch, args):
     torch.manual_seed(0)
-    model = ResNet(args.width, args.blocks, norm).train()
+    model = ResNet(args.width, args.blocks, args.stages, norm).train()
     decay = [p for n, p in model.named_parameters() if p.dim() > 1]
     rest = [p for n, p in model.named_parameters() if p.dim() <= 1]
     sgd = torch.optim.SGD(
@@ -115,6 +116,7 @@ def main():
     p.add_argument("--batch-sizes", default="32,16,8,4,2")
     p.add_argument("--width", type=int, default=16)
     p.add_argument("--blocks", type=int, default=1)
+    p.add_argument("--stages", type=int, default=3)
     p.add_argument("--size", type=int, default=16)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--min-time", type=float, default=0.3)

@@ -12,13 +12,17 @@ pub fn script() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/bench_train_torch.py")
 }
 
-/// Refuses the models the script has no twin for, before anything is timed.
-pub fn check_model(model: &ModelConfig) -> Result<()> {
+/// Refuses the models and `--norms` entries the script has no twin for, before anything is
+/// timed (the script itself names a normalizer it cannot build).
+pub fn check(model: &ModelConfig, norms: &[String]) -> Result<()> {
     ensure!(
         model.stem == 1 && !model.ws && model.dropout == 0.0,
-        "--pytorch: the PyTorch twin builds resnet:width=W,blocks=K,groups=G only (no stem, ws \
-         or dropout key); got {model}"
+        "--pytorch: the PyTorch twin builds resnet:width=W,blocks=K,stages=N,groups=G only \
+         (no stem, ws or dropout key); got {model}"
     );
+    if let Some(norm) = norms.iter().find(|n| crate::model::split_ws(n).1) {
+        bail!("--pytorch: the PyTorch twin has no Weight Standardization; drop {norm:?}'s +ws");
+    }
     Ok(())
 }
 
@@ -55,6 +59,7 @@ pub fn step_times(
         .args(["--norms", norm, "--batch-sizes", &list(batch_sizes)])
         .args(["--width", &model.width.to_string()])
         .args(["--blocks", &model.blocks.to_string()])
+        .args(["--stages", &model.stages.to_string()])
         .args(["--size", &size.to_string()])
         .args(["--threads", &threads.to_string()])
         .args(["--min-time", &min_time.to_string()])
@@ -123,8 +128,11 @@ mod tests {
         assert!(e.to_string().contains("not the JSON"), "{e}");
         let e = step_times(&dir.path().join("none"), &model, "bn", &[2], 16, 1, 0.0).unwrap_err();
         assert!(e.to_string().contains("cannot start it"), "{e}");
+        let norms = |list: &[&str]| list.iter().map(|n| n.to_string()).collect::<Vec<_>>();
         let strided: ModelConfig = "resnet:stem=2".parse().unwrap();
-        assert!(check_model(&strided).is_err());
-        assert!(check_model(&model).is_ok());
+        assert!(check(&strided, &norms(&["bn"])).is_err());
+        let e = check(&model, &norms(&["bn", "gn:groups=8+ws"])).unwrap_err();
+        assert!(e.to_string().contains("Weight Standardization"), "{e}");
+        assert!(check(&model, &norms(&["bn", "gn:groups=8", "ln", "in"])).is_ok());
     }
 }

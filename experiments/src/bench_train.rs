@@ -160,11 +160,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
         model.groups,
     )?;
     if args.pytorch.is_some() {
-        crate::bench_torch::check_model(&model)?;
+        crate::bench_torch::check(&model, &norms)?;
     }
     on_threads(args.threads, || {
-        let mut headed = false;
-        for norm in &norms {
+        for (n, norm) in norms.iter().enumerate() {
             let torch = match &args.pytorch {
                 Some(python) => Some(crate::bench_torch::step_times(
                     python,
@@ -177,9 +176,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 )?),
                 None => None,
             };
-            if !headed {
+            if n == 0 {
+                // After the first script call: the header names PyTorch's version.
                 header(&args, model, torch.as_ref().map(|t| t.0.as_str()));
-                headed = true;
             }
             let mut largest: Option<f64> = None;
             for (i, &b) in args.batch_sizes.iter().enumerate() {

@@ -1,7 +1,6 @@
 //! A small ResNet for the sweep: a 3×3 stem, three (or `stages`) stages of residual blocks at
 //! widths w, 2w, 4w, … (the first block of every stage after the first halves the resolution,
-//! with a 1×1 projection shortcut),
-//! global average pooling and a linear classifier. A normalizer, chosen by spec, follows every
+//! with a 1×1 projection shortcut), global average pooling and a linear classifier. A normalizer, chosen by spec, follows every
 //! convolution; the last normalizer of each residual block starts with weight 0 (Goyal et al.
 //! 2017, as in the GroupNorm paper), so each block starts as the identity.
 
@@ -18,8 +17,8 @@ use std::str::FromStr;
 use std::sync::Mutex;
 
 /// `resnet:width=W,blocks=B,stages=N,groups=G,stem=S,dropout=P,init-gain=K,ws=true|false`: N
-/// stages (3 by default) of widths W, 2W, 4W, … with B blocks each; G is the group count the sweep gives GroupNorm by default (it
-/// must divide W); S the stem's stride; P the dropout probability before the classifier; K a
+/// stages (3 by default) of widths W, 2W, 4W, … with B blocks each; G is the group count the
+/// sweep gives GroupNorm by default (it must divide W); S the stem's stride; P the dropout probability before the classifier; K a
 /// multiplier on the initial convolution and classifier weights; `ws` Weight Standardization of
 /// every convolution.
 #[derive(Debug, Clone, Copy, PartialEq)]
