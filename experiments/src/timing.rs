@@ -6,46 +6,50 @@ use crate::alloc;
 use anyhow::Result;
 use std::time::Instant;
 
-/// Seconds of one call of `f`, and the peak bytes it allocated above the level before it.
-fn sample(f: &mut dyn FnMut() -> Result<()>) -> Result<(f64, usize)> {
-    let level = alloc::reset_peak();
+/// Seconds of one call of `f`.
+fn sample(f: &mut dyn FnMut() -> Result<()>) -> Result<f64> {
     let t = Instant::now();
     f()?;
-    let secs = t.elapsed().as_secs_f64();
-    Ok((secs, alloc::peak().saturating_sub(level)))
+    Ok(t.elapsed().as_secs_f64())
+}
+
+/// The peak bytes one call of `f` allocates above the level before it, from a call of its own
+/// (untimed: counting costs time).
+fn peak(f: &mut dyn FnMut() -> Result<()>) -> Result<usize> {
+    let (out, bytes) = alloc::peak_of(f);
+    out.map(|()| bytes)
 }
 
 /// Median seconds per call of `f` and peak bytes allocated above the level before a call, over
 /// at least 3 calls and `min_time` seconds, after one warm-up call.
 pub fn measure(min_time: f64, mut f: impl FnMut() -> Result<()>) -> Result<(f64, usize)> {
     f()?;
+    let bytes = peak(&mut f)?;
     let mut samples = Vec::new();
-    let mut peak = 0;
     let start = Instant::now();
     while samples.len() < 3 || start.elapsed().as_secs_f64() < min_time {
-        let (secs, bytes) = sample(&mut f)?;
-        samples.push(secs);
-        peak = peak.max(bytes);
+        samples.push(sample(&mut f)?);
     }
-    Ok((median(samples), peak))
+    Ok((median(samples), bytes))
 }
 
 /// Timed calls of `a` and `b` alternating, so that drift in the machine's speed hits both
-/// alike: (seconds, peak bytes) of each call, over at least 5 pairs and `min_time` seconds,
-/// after one warm-up call of each.
+/// alike: the seconds of each call, over at least 5 pairs and `min_time` seconds, after one
+/// warm-up call of each; and the peak bytes of a call of each.
 pub fn alternate(
     min_time: f64,
     mut a: impl FnMut() -> Result<()>,
     mut b: impl FnMut() -> Result<()>,
-) -> Result<Vec<[(f64, usize); 2]>> {
+) -> Result<(Vec<[f64; 2]>, [usize; 2])> {
     a()?;
     b()?;
+    let peaks = [peak(&mut a)?, peak(&mut b)?];
     let mut pairs = Vec::new();
     let start = Instant::now();
     while pairs.len() < 5 || start.elapsed().as_secs_f64() < min_time {
         pairs.push([sample(&mut a)?, sample(&mut b)?]);
     }
-    Ok(pairs)
+    Ok((pairs, peaks))
 }
 
 /// The median: the middle value, or the mean of the middle two.
@@ -65,10 +69,10 @@ pub fn measure_pair(
     a: impl FnMut() -> Result<()>,
     b: impl FnMut() -> Result<()>,
 ) -> Result<(f64, f64)> {
-    let pairs = alternate(min_time, a, b)?;
+    let (pairs, _) = alternate(min_time, a, b)?;
     Ok((
-        median(pairs.iter().map(|p| p[0].0).collect()),
-        median(pairs.iter().map(|p| p[1].0).collect()),
+        median(pairs.iter().map(|p| p[0]).collect()),
+        median(pairs.iter().map(|p| p[1]).collect()),
     ))
 }
 
@@ -79,10 +83,9 @@ pub fn measure_net(
     base: impl FnMut() -> Result<()>,
     f: impl FnMut() -> Result<()>,
 ) -> Result<(f64, usize, usize)> {
-    let pairs = alternate(min_time, base, f)?;
-    let peak = |i: usize| pairs.iter().map(|p| p[i].1).max().unwrap_or(0);
-    let net = median(pairs.iter().map(|[b, f]| f.0 - b.0).collect());
-    Ok((net, peak(1), peak(0)))
+    let (pairs, [base_peak, f_peak]) = alternate(min_time, base, f)?;
+    let net = median(pairs.iter().map(|[b, f]| f - b).collect());
+    Ok((net, f_peak, base_peak))
 }
 
 #[cfg(test)]
