@@ -81,6 +81,7 @@ pub fn step_case(
         weight_decay: 5e-4,
         large_eval_batch: 250,
         conv: kind.to_string(),
+        devices: 1,
     };
     let mut sgd = optimizer(&varmap, &cfg)?;
     let x = Tensor::randn(0f32, 1.0, (b, 3, size, size), &Device::Cpu)?;

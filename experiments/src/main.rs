@@ -108,9 +108,14 @@ struct SweepArgs {
     /// Training epochs, the same at every batch size [default: 6].
     #[arg(long)]
     epochs: Option<usize>,
-    /// Learning rate at batch size 32; batch size B trains with base-lr·B/32.
+    /// Learning rate at 32 images per step; a step of N images trains with base-lr·N/32.
     #[arg(long, default_value_t = 0.1)]
     base_lr: f64,
+    /// Simulated devices: each step takes one batch of the batch size per device, and
+    /// BatchNorm-like layers take their statistics over each device's batch alone (no
+    /// synchronized BatchNorm; the GroupNorm paper trains on 8).
+    #[arg(long, default_value_t = 1)]
+    devices: usize,
     /// Linear warm-up, in epochs, before the cosine decay (at most --epochs) [default: 3, or
     /// --epochs if fewer (the fewest of --vary epochs)].
     #[arg(long)]
@@ -216,6 +221,7 @@ fn sweep(args: SweepArgs) -> Result<()> {
             weight_decay: args.weight_decay,
             large_eval_batch: 250,
             conv: args.conv.parse::<conv::ConvImpl>()?.to_string(),
+            devices: args.devices,
         },
         vary,
         shard: args.shard.as_deref().map(sweep::parse_shard).transpose()?,

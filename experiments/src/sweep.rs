@@ -166,7 +166,7 @@ impl Plan {
         let model: ModelConfig = self.train.model.parse()?;
         let (c, side, classes, images) = self.dataset.shape();
         // A batch larger than the data set is refused later, by name; here it counts as whole.
-        let batch = self.batch_sizes.iter().copied().max().unwrap_or(1);
+        let batch = self.batch_sizes.iter().copied().max().unwrap_or(1) * self.train.devices;
         let batch = (batch.max(self.train.large_eval_batch) as u128).min(images) as usize;
         let per_job = model.training_bytes(c, side, classes, batch);
         let need = self.dataset.bytes() + jobs as u128 * per_job;
@@ -227,6 +227,14 @@ impl Plan {
                 "batch size {b} is larger than the training set ({} images)",
                 ds.train.len()
             );
+            let d = self.train.devices;
+            ensure!(
+                b * d <= ds.train.len(),
+                "batch size {b} on {d} devices takes {} images a step, more than the training \
+                 set ({} images); use fewer --devices or smaller --batch-sizes",
+                b * d,
+                ds.train.len()
+            );
             for norm in &self.norms {
                 let spec: NormSpec = crate::model::split_ws(norm).0.parse()?;
                 ensure!(
@@ -257,6 +265,10 @@ impl Plan {
 /// Refuses training settings no run could use.
 fn check_train(t: &TrainConfig) -> Result<()> {
     ensure!(t.epochs >= 1, "--epochs must be at least 1");
+    ensure!(
+        t.devices >= 1,
+        "--devices 0 trains nothing; give at least 1 (1: one batch per step)"
+    );
     ensure!(
         t.base_lr.is_finite() && t.base_lr > 0.0,
         "--base-lr must be a positive number, got {}",

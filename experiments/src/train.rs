@@ -21,7 +21,7 @@ use std::time::Instant;
 pub struct TrainConfig {
     pub model: String,
     pub epochs: usize,
-    /// Learning rate at batch size 32; a run at batch size B uses base_lr · B / 32.
+    /// Learning rate at 32 images per step; a step of N images uses base_lr · N / 32.
     pub base_lr: f64,
     pub warmup_epochs: f64,
     pub momentum: f64,
@@ -29,6 +29,20 @@ pub struct TrainConfig {
     /// Batch size of the large-batch evaluation with batch statistics.
     pub large_eval_batch: usize,
     pub conv: String,
+    /// Simulated devices: each step trains on `devices` batches of the run's batch size, the
+    /// normalizers taking batch statistics over each device's batch alone (data-parallel
+    /// training without synchronized BatchNorm, as in the GroupNorm paper's 8 GPUs).
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub devices: usize,
+}
+
+fn one() -> usize {
+    1
+}
+
+/// Left out of the settings at 1, so that sweeps from before devices keep their ids.
+fn is_one(n: &usize) -> bool {
+    *n == 1
 }
 
 impl TrainConfig {
@@ -44,6 +58,7 @@ impl TrainConfig {
             weight_decay: 5e-4,
             large_eval_batch: 250,
             conv: "fast".into(),
+            devices: 1,
         }
     }
 
@@ -188,6 +203,7 @@ pub fn run(
     let model_cfg: ModelConfig = cfg.model.parse()?;
     let conv_impl: ConvImpl = cfg.conv.parse()?;
     let varmap = VarMap::new();
+    let b = key.batch_size;
     let model = ResNet::new(
         model_cfg,
         ds.channels,
@@ -197,13 +213,19 @@ pub fn run(
         &varmap,
         key.seed,
     )?;
+    let model = if cfg.devices > 1 {
+        model.per_device(b)?
+    } else {
+        model
+    };
     let mut sgd = optimizer(&varmap, cfg)?;
 
-    let b = key.batch_size;
-    let steps_per_epoch = ds.train.len() / b;
+    // One step: `devices` batches of b images, one SGD update over all of them.
+    let step_images = b * cfg.devices;
+    let steps_per_epoch = ds.train.len() / step_images;
     let total = steps_per_epoch * cfg.epochs;
     let warmup = ((cfg.warmup_epochs * steps_per_epoch as f64).round() as usize).min(total);
-    let peak = cfg.base_lr * b as f64 / 32.0;
+    let peak = cfg.base_lr * step_images as f64 / 32.0;
     let shape = (ds.channels, ds.height, ds.width);
     let mut rng = ChaCha8Rng::seed_from_u64(key.seed ^ 0x005e_ed0f_da7a);
     let mut order: Vec<usize> = (0..ds.train.len()).collect();
@@ -214,7 +236,7 @@ pub fn run(
         order.shuffle(&mut rng);
         let mut loss_sum = 0.0;
         let mut lr = peak;
-        for chunk in order.chunks_exact(b) {
+        for chunk in order.chunks_exact(step_images) {
             let (x, y) = batch(&ds.train, chunk, ds.image_len(), shape)?;
             lr = learning_rate(step, total, warmup, peak);
             let Some(value) = train_step(&model, &mut sgd, &x, &y, lr)? else {
@@ -316,6 +338,51 @@ mod tests {
             assert!(!all_finite(&varmap).unwrap(), "{bad}");
         }
         drop(w);
+    }
+
+    /// Two devices of 2 images with `bn` train exactly as one batch of 4 with Ghost BatchNorm
+    /// over pairs: the same steps, rate, statistics and running statistics.
+    #[test]
+    fn devices_take_statistics_per_device_batch_and_step_over_all() {
+        let ds = "synthetic:train=48,test=20,size=8"
+            .parse::<crate::data::DatasetSpec>()
+            .unwrap()
+            .load()
+            .unwrap();
+        let cfg = TrainConfig {
+            model: "resnet:width=4,groups=2,stages=2".into(),
+            epochs: 2,
+            ..TrainConfig::for_tests()
+        };
+        let key = |norm: &str, batch_size| RunKey {
+            norm: norm.into(),
+            batch_size,
+            seed: 3,
+            vary: vec![],
+        };
+        let two = TrainConfig {
+            devices: 2,
+            ..cfg.clone()
+        };
+        let (a, ea) = run(&key("bn", 2), &two, &ds, |_| {}).unwrap();
+        let (g, eg) = run(&key("ghostbn:virtual=2", 4), &cfg, &ds, |_| {}).unwrap();
+        let (p, _) = run(&key("bn", 2), &cfg, &ds, |_| {}).unwrap();
+        assert_eq!((a.steps, g.steps, p.steps), (24, 24, 48));
+        assert_eq!(
+            (a.lr, g.lr, p.lr),
+            (0.1 * 4.0 / 32.0, 0.1 * 4.0 / 32.0, 0.1 * 2.0 / 32.0)
+        );
+        assert_eq!(a.batch_size, 2, "the batch size is the device's");
+        assert_eq!(a.train_loss, g.train_loss);
+        assert_eq!(
+            (a.test_error, a.test_error_batch_stats),
+            (g.test_error, g.test_error_batch_stats)
+        );
+        assert_eq!(
+            ea.iter().map(|e| e.train_loss).collect::<Vec<_>>(),
+            eg.iter().map(|e| e.train_loss).collect::<Vec<_>>()
+        );
+        assert_ne!(a.train_loss, p.train_loss, "one device of 2 is another run");
     }
 
     #[test]

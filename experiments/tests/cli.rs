@@ -509,6 +509,11 @@ fn bad_arguments_fail_before_any_training() {
             vec!["--batch-sizes", "100000"],
             "larger than the training set",
         ),
+        (vec!["--devices", "0"], "--devices 0 trains nothing"),
+        (
+            vec!["--devices", "4000", "--batch-sizes", "2"],
+            "on 4000 devices takes 8000 images a step",
+        ),
         (vec!["--shard", "3/2"], "--shard \"3/2\" is not i/n"),
         (vec!["--model", "resnet:width=12"], "must divide width=12"),
         (vec!["--conv", "cudnn"], "unknown convolution"),

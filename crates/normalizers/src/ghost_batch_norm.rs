@@ -13,6 +13,7 @@
 //! under-training in a batch-size sweep.
 
 use crate::batch_norm::BatchNorm;
+use crate::per_device::chunked;
 use crate::spec::{GhostBatchNormConfig, NormSpec};
 use crate::{input, Normalizer};
 use candle_core::{Result, Tensor};
@@ -40,15 +41,8 @@ impl GhostBatchNorm {
 
     /// `f` on each chunk of `x`, the outputs concatenated.
     fn chunked(&self, x: &Tensor, f: impl Fn(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
-        let d = input::check("ghostbn", x, self.inner.num_channels())?;
-        if d.n <= self.virtual_size {
-            return f(x);
-        }
-        let ys = (0..d.n)
-            .step_by(self.virtual_size)
-            .map(|start| f(&x.narrow(0, start, self.virtual_size.min(d.n - start))?))
-            .collect::<Result<Vec<_>>>()?;
-        Tensor::cat(&ys, 0)
+        input::check("ghostbn", x, self.inner.num_channels())?;
+        chunked(x, self.virtual_size, f)
     }
 }
 

@@ -41,6 +41,7 @@ mod instance_norm;
 pub mod kernels;
 mod layer_norm;
 mod params;
+mod per_device;
 pub mod reference;
 mod rms_norm;
 pub mod spec;
@@ -55,6 +56,7 @@ pub use group_norm::GroupNorm;
 pub use identity::Identity;
 pub use instance_norm::InstanceNorm;
 pub use layer_norm::LayerNorm;
+pub use per_device::{per_device, PerDevice};
 pub use rms_norm::RmsNorm;
 pub use spec::{
     BatchNormConfig, BatchRenormConfig, Common, EvoNormB0Config, EvoNormS0Config, FrnConfig,

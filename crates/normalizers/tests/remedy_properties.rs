@@ -1,6 +1,7 @@
 //! Invariants of the remedies that the fixtures do not pin: `brn` with r and d clipped to 1
 //! and 0 is `bn`; `ghostbn` with a virtual batch of the whole batch is `bn`; FRN's TLU splits
-//! a tie's gradient as PyTorch; PreciseBN stores the pooled statistics of every value seen.
+//! a tie's gradient as PyTorch; PreciseBN stores the pooled statistics of every value seen;
+//! `bn` with per-device statistics over chunks of K is `ghostbn:virtual=K`.
 
 mod common;
 
@@ -10,8 +11,17 @@ use common::{assert_close, build, randomize_affine, seeded, to_f64, var, weighte
 /// Output, gradients of x, weight and bias, and running statistics over two training steps
 /// and an evaluation.
 fn trace(spec: &str, shape: &[usize]) -> Vec<(String, Vec<f64>)> {
+    trace_on(spec, None, shape)
+}
+
+/// [`trace`] of the layer with its training statistics per device of `device` samples.
+fn trace_on(spec: &str, device: Option<usize>, shape: &[usize]) -> Vec<(String, Vec<f64>)> {
     let c = shape[1];
     let (norm, varmap) = build(spec, c, DType::F64);
+    let norm = match device {
+        Some(k) => normalizers::per_device(norm, k).unwrap(),
+        None => norm,
+    };
     randomize_affine(&varmap, c, 3);
     let mut out = Vec::new();
     for (step, train) in [true, true, false].into_iter().enumerate() {
@@ -68,6 +78,60 @@ fn ghostbn_with_the_whole_batch_as_its_virtual_batch_is_bn() {
             0.0,
         );
     }
+}
+
+#[test]
+fn bn_with_per_device_statistics_is_ghostbn_and_batch_free_layers_are_left_alone() {
+    // 6 samples: three devices of 2; 5 samples: the last device holds one.
+    for shape in [&[6, 3][..], &[5, 3, 4], &[6, 2, 2, 3]] {
+        for (a, b) in trace_on("bn", Some(2), shape)
+            .iter()
+            .zip(&trace("ghostbn:virtual=2", shape))
+        {
+            assert_close(
+                &format!("per-device bn {shape:?}: {}", a.0),
+                &a.1,
+                &b.1,
+                0.0,
+            );
+        }
+    }
+    // One device holding the whole batch is bn.
+    for (a, b) in trace_on("bn", Some(8), &[6, 3, 2])
+        .iter()
+        .zip(&trace("bn", &[6, 3, 2]))
+    {
+        assert_close(&format!("one device: {}", a.0), &a.1, &b.1, 0.0);
+    }
+    let x = seeded(&[4, 4, 3], 7, 0.5, 2.0);
+    for spec in ["gn:groups=2", "ln", "in"] {
+        let (plain, _) = build(spec, 4, DType::F64);
+        let wrapped = normalizers::per_device(build(spec, 4, DType::F64).0, 2).unwrap();
+        assert_eq!(wrapped.spec(), plain.spec());
+        let (y0, y1) = (
+            plain.forward_t(&x, true).unwrap(),
+            wrapped.forward_t(&x, true).unwrap(),
+        );
+        assert_close(spec, &to_f64(&y1), &to_f64(&y0), 0.0);
+    }
+    // Evaluation with batch statistics takes the whole evaluated batch.
+    let (bn, _) = build("bn", 4, DType::F64);
+    let x = seeded(&[6, 4, 3], 3, 1.0, 2.0);
+    let whole = to_f64(&bn.forward_batch_stats(&x).unwrap());
+    let wrapped = normalizers::per_device(bn, 2).unwrap();
+    assert_close(
+        "batch stats",
+        &to_f64(&wrapped.forward_batch_stats(&x).unwrap()),
+        &whole,
+        0.0,
+    );
+    let e = normalizers::per_device(build("bn", 4, DType::F64).0, 0).unwrap_err();
+    assert!(e.to_string().contains("at least 1"), "{e}");
+    let wrapped = normalizers::per_device(build("bn", 4, DType::F64).0, 2).unwrap();
+    let e = wrapped
+        .forward_t(&seeded(&[4, 3, 2], 1, 0.0, 1.0), true)
+        .unwrap_err();
+    assert!(e.to_string().contains("built for 4"), "{e}");
 }
 
 #[test]

@@ -73,6 +73,14 @@ impl ConvNorm {
         })
     }
 
+    /// This layer with its normalizer's training statistics per device of `size` images.
+    fn per_device(self, size: usize) -> Result<Self> {
+        Ok(Self {
+            conv: self.conv,
+            norm: normalizers::per_device(self.norm, size)?,
+        })
+    }
+
     /// Convolution, normalizer and ReLU, the ReLU left out after a norm-activation layer (FRN
     /// with TLU, EvoNorm), which replaces normalizer + ReLU as in timm.
     fn forward_act(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
@@ -93,6 +101,14 @@ struct Block {
 }
 
 impl Block {
+    fn per_device(self, size: usize) -> Result<Self> {
+        Ok(Self {
+            first: self.first.per_device(size)?,
+            second: self.second.per_device(size)?,
+            shortcut: self.shortcut.map(|s| s.per_device(size)).transpose()?,
+        })
+    }
+
     fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
         let y = self.first.forward_act(x, mode)?;
         let y = self.second.forward(&y, mode)?;
@@ -162,6 +178,22 @@ impl ResNet {
         };
         initialize(varmap, seed, cfg.init_gain)?;
         Ok(model)
+    }
+
+    /// The model with every batch-statistics normalizer's training statistics taken over
+    /// chunks of `size` consecutive images, as in data-parallel training on devices of `size`
+    /// images each without synchronized BatchNorm (`normalizers::per_device`).
+    pub fn per_device(self, size: usize) -> Result<Self> {
+        let blocks = self
+            .blocks
+            .into_iter()
+            .map(|b| b.per_device(size))
+            .collect::<Result<_>>()?;
+        Ok(Self {
+            stem: self.stem.per_device(size)?,
+            blocks,
+            ..self
+        })
     }
 
     /// Logits (N, classes) for images (N, C, H, W).
