@@ -62,16 +62,21 @@ pub fn flops(layer: &ConvLayer, b: usize) -> f64 {
     2.0 * (b * layer.cout * out * out * layer.cin * layer.kernel * layer.kernel) as f64
 }
 
-/// One training step of `model` with normalizer `norm` at batch size `b`, as a closure to time.
+/// One training step of `model` with normalizer `norm` at batch size `b` on each of `devices`
+/// simulated devices (as `sweep --devices`), as a closure to time.
 pub fn step_case(
     model: ModelConfig,
     norm: &str,
-    b: usize,
+    (b, devices): (usize, usize),
     size: usize,
     kind: ConvImpl,
 ) -> Result<impl FnMut() -> Result<()>> {
     let varmap = VarMap::new();
-    let net = ResNet::new(model, 3, 10, norm, kind, &varmap, 0)?;
+    let mut net = ResNet::new(model, 3, 10, norm, kind, &varmap, 0)?;
+    if devices > 1 {
+        net = net.per_device(b)?;
+    }
+    let b = b * devices;
     let cfg = TrainConfig {
         model: model.to_string(),
         epochs: 1,

@@ -110,8 +110,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
         for &b in &args.batch_sizes {
             let (f, c) = measure_pair(
                 args.min_time,
-                step_case(ModelConfig::default(), "bn", b, 16, ConvImpl::Fast)?,
-                step_case(ModelConfig::default(), "bn", b, 16, ConvImpl::Candle)?,
+                step_case(ModelConfig::default(), "bn", (b, 1), 16, ConvImpl::Fast)?,
+                step_case(ModelConfig::default(), "bn", (b, 1), 16, ConvImpl::Candle)?,
             )?;
             println!("| {b} | {:.2} | {:.2} | {:.1}× |", f * 1e3, c * 1e3, c / f);
         }

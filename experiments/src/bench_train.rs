@@ -34,6 +34,10 @@ pub struct BenchArgs {
     /// Minimum measuring time per timed case, in seconds.
     #[arg(long, default_value_t = 0.3)]
     min_time: f64,
+    /// Simulated devices, as `sweep --devices`: a step takes one batch per device, and
+    /// BatchNorm-like layers take statistics over each device's batch.
+    #[arg(long, default_value_t = 1)]
+    devices: usize,
     /// A Python with torch: time the same model's step in PyTorch too
     /// (`scripts/bench_train_torch.py`, one normalizer at a time, before normbench's rows).
     #[arg(long, value_name = "PYTHON")]
@@ -73,12 +77,22 @@ fn conv_seconds(layer: &ConvLayer, b: usize, min_time: f64) -> Result<f64> {
     Ok(net.max(0.0))
 }
 
-/// Seconds of the forward+backward of normalizer `norm` on (b, c, side, side) in training
-/// mode, less the same harness without it.
-fn norm_seconds(norm: &str, b: usize, c: usize, side: usize, min_time: f64) -> Result<f64> {
+/// Seconds of the forward+backward of normalizer `norm` on (d·b, c, side, side) in training
+/// mode with statistics per device of b (`d` devices), less the same harness without it.
+fn norm_seconds(
+    norm: &str,
+    (b, d): (usize, usize),
+    c: usize,
+    side: usize,
+    min_time: f64,
+) -> Result<f64> {
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
-    let layer = normalizers::from_spec(crate::model::split_ws(norm).0, c, vb)?;
+    let mut layer = normalizers::from_spec(crate::model::split_ws(norm).0, c, vb)?;
+    if d > 1 {
+        layer = normalizers::per_device(layer, b)?;
+    }
+    let b = b * d;
     let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, c, side, side), &Device::Cpu)?)?;
     let r = Tensor::randn(0f32, 1.0, (b, c, side, side), &Device::Cpu)?;
     let (net, _, _) = measure_net(
@@ -100,16 +114,17 @@ struct Row {
 
 fn measure_row(args: &BenchArgs, model: ModelConfig, norm: &str, b: usize) -> Result<Row> {
     let convs = model.convolutions(3, args.size);
+    let (d, n) = (args.devices, b * args.devices);
     let (mut conv, mut norms, mut work) = (0.0, 0.0, 0.0);
     for (i, c) in convs.iter().enumerate() {
         let layer = conv_layer(c, i == 0);
-        conv += conv_seconds(&layer, b, args.min_time)?;
-        work += flops(&layer, b) * if layer.input_grad { 3.0 } else { 2.0 };
-        norms += norm_seconds(norm, b, c.cout, c.out_side(), args.min_time)?;
+        conv += conv_seconds(&layer, n, args.min_time)?;
+        work += flops(&layer, n) * if layer.input_grad { 3.0 } else { 2.0 };
+        norms += norm_seconds(norm, (b, d), c.cout, c.out_side(), args.min_time)?;
     }
-    let model_step = step_case(model, norm, b, args.size, ConvImpl::Fast)?;
+    let model_step = step_case(model, norm, (b, d), args.size, ConvImpl::Fast)?;
     let step = measure(args.min_time, model_step)?.0;
-    let per_image = |s: f64| s * 1e3 / b as f64;
+    let per_image = |s: f64| s * 1e3 / n as f64;
     Ok(Row {
         step: per_image(step),
         conv: per_image(conv),
@@ -125,12 +140,14 @@ fn header(args: &BenchArgs, model: ModelConfig, torch: Option<&str>) {
         args.size
     );
     println!(
-        "f32, {} thread(s). Per image: the whole step (forward, backward, SGD) timed as the \
+        "f32, {} thread(s), {} device(s) (a step takes B images per device; BatchNorm-like \
+         layers take statistics per device). Per image: the whole step (forward, backward, SGD) timed as the \
          sweep runs it, and its convolutions and normalizers each timed alone at their \
          shapes (forward+backward, each less a harness on a tensor of its output's shape); the \
          rest is the step less both. B cost: this batch size's step per image over the \
          largest batch size's.",
-        args.threads
+        args.threads,
+        args.devices
     );
     let mut cols = "| norm | B | step (ms/image) | convolutions | normalizers | rest | conv GFLOP/s | B cost |".to_string();
     let mut rule = "|---|---:|---:|---:|---:|---:|---:|---:|".to_string();
@@ -148,6 +165,14 @@ fn header(args: &BenchArgs, model: ModelConfig, torch: Option<&str>) {
 
 pub fn run(args: BenchArgs) -> Result<()> {
     check_args(args.threads, &args.batch_sizes, args.min_time)?;
+    ensure!(
+        args.devices >= 1,
+        "--devices 0 steps over nothing; give at least 1"
+    );
+    ensure!(
+        args.pytorch.is_none() || args.devices == 1,
+        "--pytorch times one device only; leave out --devices or --pytorch"
+    );
     ensure!(
         (4..=64).contains(&args.size),
         "--size {} is out of range; use 4 to 64",

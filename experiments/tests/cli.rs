@@ -776,6 +776,23 @@ fn bench_train_breaks_a_step_down() {
     }
     let e = fails(&["bench-train", "--batch-sizes", "0", "--min-time", "0"]);
     assert!(e.contains("every batch size must be at least 1"), "{e}");
+    let devices = printed(&[
+        "bench-train",
+        "--norms",
+        "bn",
+        "--batch-sizes",
+        "2",
+        "--devices",
+        "3",
+        "--min-time",
+        "0",
+    ]);
+    assert!(devices.contains("3 device(s)"), "{devices}");
+    assert!(devices.contains("| bn | 2 |"), "{devices}");
+    let e = fails(&["bench-train", "--devices", "0", "--min-time", "0"]);
+    assert!(e.contains("--devices 0 steps over nothing"), "{e}");
+    let e = fails(&["bench-train", "--devices", "2", "--pytorch", "python3"]);
+    assert!(e.contains("--pytorch times one device only"), "{e}");
 }
 
 #[test]
