@@ -160,13 +160,23 @@ impl Plan {
         format!("sweep-{:08x}", hash >> 32)
     }
 
+    /// The most devices any run trains on (`--devices`, or the largest of `--vary devices`).
+    fn most_devices(&self) -> Result<usize> {
+        let mut most = 1;
+        for setting in vary::settings(&self.vary) {
+            most = most.max(self.train.with_setting(&setting)?.devices);
+        }
+        Ok(most)
+    }
+
     /// Refuses a plan whose data set and models would not fit in `available` bytes of memory,
     /// before anything is allocated (a too-large allocation aborts the process).
     pub fn check_memory(&self, jobs: usize, available: u128) -> Result<()> {
         let model: ModelConfig = self.train.model.parse()?;
         let (c, side, classes, images) = self.dataset.shape();
         // A batch larger than the data set is refused later, by name; here it counts as whole.
-        let batch = self.batch_sizes.iter().copied().max().unwrap_or(1) * self.train.devices;
+        let devices = self.most_devices().unwrap_or(self.train.devices);
+        let batch = self.batch_sizes.iter().copied().max().unwrap_or(1) * devices;
         let batch = (batch.max(self.train.large_eval_batch) as u128).min(images) as usize;
         let per_job = model.training_bytes(c, side, classes, batch);
         let need = self.dataset.bytes() + jobs as u128 * per_job;
@@ -227,7 +237,7 @@ impl Plan {
                 "batch size {b} is larger than the training set ({} images)",
                 ds.train.len()
             );
-            let d = self.train.devices;
+            let d = self.most_devices()?;
             ensure!(
                 b * d <= ds.train.len(),
                 "batch size {b} on {d} devices takes {} images a step, more than the training \

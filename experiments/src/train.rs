@@ -75,6 +75,7 @@ impl TrainConfig {
                 "base-lr" => cfg.base_lr = number()?,
                 "weight-decay" => cfg.weight_decay = number()?,
                 "epochs" => cfg.epochs = number()? as usize,
+                "devices" => cfg.devices = number()? as usize,
                 "warmup-epochs" => cfg.warmup_epochs = number()?,
                 "momentum" => cfg.momentum = number()?,
                 "dropout" | "init-gain" => {
@@ -397,6 +398,7 @@ mod tests {
                 "momentum=0",
                 "dropout=0.3",
                 "init-gain=4",
+                "devices=8",
             ]
             .map(String::from),
         )
@@ -408,9 +410,10 @@ mod tests {
                 got.weight_decay,
                 got.epochs,
                 got.warmup_epochs,
-                got.momentum
+                got.momentum,
+                got.devices
             ),
-            (0.4, 0.0, 3, 0.5, 0.0)
+            (0.4, 0.0, 3, 0.5, 0.0, 8)
         );
         assert_eq!(
             got.model,

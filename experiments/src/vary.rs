@@ -6,7 +6,7 @@
 use anyhow::{bail, ensure, Context, Result};
 
 /// The keys `--vary` takes, each with what its values must be.
-pub const KEYS: [(&str, &str); 7] = [
+pub const KEYS: [(&str, &str); 8] = [
     ("base-lr", "a number > 0"),
     ("weight-decay", "a number >= 0"),
     ("epochs", "a whole number >= 1"),
@@ -14,6 +14,7 @@ pub const KEYS: [(&str, &str); 7] = [
     ("dropout", "a number in [0, 1)"),
     ("init-gain", "a number > 0"),
     ("momentum", "a number in [0, 1)"),
+    ("devices", "a whole number >= 1"),
 ];
 
 /// One varied key and its values, each in canonical text (how it prints in CSVs and tables).
@@ -37,7 +38,7 @@ fn canonical(key: &str, text: &str) -> Result<String> {
         .find(|(k, _)| *k == key)
         .map(|(_, says)| *says)
         .unwrap_or("a number");
-    if key == "epochs" {
+    if key == "epochs" || key == "devices" {
         return match text.parse::<usize>() {
             Ok(n) if n >= 1 => Ok(n.to_string()),
             _ => bail!("--vary {key}={text:?}: each value must be {says}"),
@@ -171,6 +172,7 @@ mod tests {
             (vec!["momentum=1.5"], "in [0, 1)"),
             (vec!["epochs=0"], "whole number >= 1"),
             (vec!["epochs=2.5"], "whole number >= 1"),
+            (vec!["devices=0"], "whole number >= 1"),
             (vec!["init-gain=0"], "> 0"),
             (vec!["weight-decay=NaN"], ">= 0"),
             (vec!["base-lr"], "not KEY=V1,V2"),

@@ -511,6 +511,10 @@ fn bad_arguments_fail_before_any_training() {
         ),
         (vec!["--devices", "0"], "--devices 0 trains nothing"),
         (
+            vec!["--vary", "devices=1,4000", "--batch-sizes", "2"],
+            "on 4000 devices takes 8000 images a step",
+        ),
+        (
             vec!["--devices", "4000", "--batch-sizes", "2"],
             "on 4000 devices takes 8000 images a step",
         ),
