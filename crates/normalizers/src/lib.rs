@@ -3,6 +3,8 @@
 //! Batch Renormalization (`brn`), Ghost BatchNorm (`ghostbn`) and PreciseBN (an evaluation
 //! mode, [`Normalizer::start_precise_stats`]); the batch-free RMSNorm (`rms`), FRN (`frn`) and
 //! EvoNorm-S0 (`evonorm-s0`); EvoNorm-B0 (`evonorm-b0`); and `none`, the identity baseline.
+//! [`per_device`] gives any of them training statistics per device of K samples, as in
+//! data-parallel training without synchronized BatchNorm.
 //!
 //! Conventions are PyTorch's (and the GroupNorm paper's): normalize with the *biased* variance,
 //! store the *unbiased* one in `running_var`, `momentum` is the weight of the new batch, and the
