@@ -136,6 +136,17 @@ pub fn report(dir: &Path, target: Option<f64>) -> Result<Vec<SummaryRow>> {
         plot::error_vs_batch(&rows, norms, sizes, dir)?;
         (markdown(&rows, norms, sizes), latex(&rows, norms, sizes))
     };
+    let devices = results::devices(dir)?;
+    if devices > 1 {
+        md.insert_str(
+            0,
+            &format!(
+                "On {devices} simulated devices (`--devices {devices}`): B is each device's \
+                 batch, over which BatchNorm-like layers take their statistics; a step trains \
+                 {devices}·B images.\n\n"
+            ),
+        );
+    }
     md.push_str(&curves::convergence_table(
         &sweep.runs,
         &sweep.epochs,

@@ -348,6 +348,18 @@ pub fn varied_keys(dir: &Path) -> Result<Vec<String>> {
     Ok(serde_json::from_value(m["settings"]["vary"].clone()).unwrap_or_default())
 }
 
+/// The simulated devices of a sweep folder's runs (`--devices`, from its manifest): 1 where the
+/// manifest does not say (older sweeps, one device) or where `--vary devices` sets it per run.
+pub fn devices(dir: &Path) -> Result<usize> {
+    let path = dir.join(MANIFEST_JSON);
+    let Ok(text) = std::fs::read_to_string(&path) else {
+        return Ok(1);
+    };
+    let m: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not valid JSON", path.display()))?;
+    Ok(m["settings"]["train"]["devices"].as_u64().unwrap_or(1) as usize)
+}
+
 /// The rows of `path` up to its last newline (a line without one is a write a crash
 /// interrupted), and whether a partial line was left out.
 fn complete_rows<T: DeserializeOwned + Varied>(

@@ -968,3 +968,31 @@ fn the_quick_sweep_takes_every_remedy_and_reports_precise_bn_for_running_stats()
     let manifest = read(&out, "manifest.json");
     assert!(manifest.contains("gn:groups=8+ws"), "{manifest}");
 }
+
+#[test]
+fn a_sweep_on_devices_trains_d_batches_a_step_and_says_so() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("devices");
+    let o = out.to_str().unwrap();
+    ok(&[
+        "sweep",
+        "--quick",
+        "--norms",
+        "bn",
+        "--batch-sizes",
+        "2",
+        "--devices",
+        "4",
+        "--out",
+        o,
+    ]);
+    let steps = column(&out, "steps");
+    // 512 images, steps of 4 devices × 2 images, one epoch.
+    assert_eq!(steps, ["64"]);
+    let lr = column(&out, "lr");
+    assert_eq!(lr, ["0.025"], "base-lr 0.1 · 8 images / 32");
+    let md = read(&out, "summary.md");
+    assert!(md.starts_with("On 4 simulated devices"), "{md}");
+    let manifest = read(&out, "manifest.json");
+    assert!(manifest.contains("\"devices\": 4"), "{manifest}");
+}
