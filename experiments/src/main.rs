@@ -92,14 +92,16 @@ const SWEEP_EXAMPLES: &str = "Examples:
   experiments sweep --norms bn,gn:groups=4 --seeds 0 --batch-sizes 32,2
   experiments sweep --dataset mnist:data/mnist --epochs 3
   experiments sweep --norms none,bn,gn,ln --batch-sizes 32 --vary base-lr=0.1,0.4,1.6
-  experiments sweep --shard 2/4 --out results/big/shard-2   # one of four machines";
+  experiments sweep --shard 2/4 --out results/big/shard-2   # one of four machines
+  experiments sweep --devices 8 --batch-sizes 32,8,2  # B per device, as on the paper's 8 GPUs";
 
 #[derive(Args, Debug)]
 struct SweepArgs {
     /// Comma-separated normalizer specs [default: bn,gn:groups=G,ln,in, G the model's groups].
     #[arg(long)]
     norms: Option<String>,
-    /// Comma-separated batch sizes per step [default: 32,16,8,4,2].
+    /// Comma-separated batch sizes per step, or per device with --devices [default:
+    /// 32,16,8,4,2].
     #[arg(long, value_delimiter = ',')]
     batch_sizes: Option<Vec<usize>>,
     /// Comma-separated seeds [default: 0,1,2].
@@ -150,7 +152,7 @@ struct SweepArgs {
     #[arg(long)]
     verbose: bool,
     /// Add a setting as an axis of the grid: KEY=V1,V2,... (repeatable); KEY is one of base-lr,
-    /// weight-decay, epochs, warmup-epochs, dropout, init-gain, momentum.
+    /// weight-decay, epochs, warmup-epochs, dropout, init-gain, momentum, devices.
     #[arg(long, value_name = "KEY=V1,V2,...")]
     vary: Vec<String>,
     /// Train again the runs that diverged in an earlier attempt (kept as results otherwise).
@@ -290,5 +292,32 @@ fn main() -> Result<()> {
         Command::BenchConv(args) => bench_conv::run(args),
         Command::BenchNorms(args) => bench_norms::run(args),
         Command::BenchTrain(args) => bench_train::run(args),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn sweep_help_names_every_key_vary_takes() {
+        let mut cli = Cli::command();
+        let help = cli
+            .find_subcommand_mut("sweep")
+            .expect("a sweep subcommand")
+            .render_long_help()
+            .to_string();
+        let vary = &help[help.find("--vary <").expect("--vary in the help")..];
+        let line: String = vary
+            .split("--retry")
+            .next()
+            .unwrap_or(vary)
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ");
+        for (key, _) in vary::KEYS {
+            assert!(line.contains(key), "--vary's help leaves out {key}: {line}");
+        }
     }
 }
