@@ -72,10 +72,7 @@ pub fn step_case(
     kind: ConvImpl,
 ) -> Result<impl FnMut() -> Result<()>> {
     let varmap = VarMap::new();
-    let mut net = ResNet::new(model, 3, 10, norm, kind, &varmap, 0)?;
-    if devices > 1 {
-        net = net.per_device(b)?;
-    }
+    let net = ResNet::new(model, 3, 10, norm, kind, &varmap, 0)?.on_devices(b, devices)?;
     let b = b * devices;
     let cfg = TrainConfig {
         model: model.to_string(),

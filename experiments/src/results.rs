@@ -339,25 +339,26 @@ fn parse_rows<T: DeserializeOwned + Varied>(
 
 /// The keys a sweep folder varies, from its manifest (none without one).
 pub fn varied_keys(dir: &Path) -> Result<Vec<String>> {
+    let settings = manifest_settings(dir)?;
+    Ok(serde_json::from_value(settings["vary"].clone()).unwrap_or_default())
+}
+
+/// The `settings` of a sweep folder's manifest; null where the folder has no manifest.
+fn manifest_settings(dir: &Path) -> Result<serde_json::Value> {
     let path = dir.join(MANIFEST_JSON);
     let Ok(text) = std::fs::read_to_string(&path) else {
-        return Ok(Vec::new());
+        return Ok(serde_json::Value::Null);
     };
     let m: serde_json::Value = serde_json::from_str(&text)
         .with_context(|| format!("{} is not valid JSON", path.display()))?;
-    Ok(serde_json::from_value(m["settings"]["vary"].clone()).unwrap_or_default())
+    Ok(m["settings"].clone())
 }
 
 /// The simulated devices of a sweep folder's runs (`--devices`, from its manifest): 1 where the
 /// manifest does not say (older sweeps, one device) or where `--vary devices` sets it per run.
 pub fn devices(dir: &Path) -> Result<usize> {
-    let path = dir.join(MANIFEST_JSON);
-    let Ok(text) = std::fs::read_to_string(&path) else {
-        return Ok(1);
-    };
-    let m: serde_json::Value = serde_json::from_str(&text)
-        .with_context(|| format!("{} is not valid JSON", path.display()))?;
-    Ok(m["settings"]["train"]["devices"].as_u64().unwrap_or(1) as usize)
+    let settings = manifest_settings(dir)?;
+    Ok(settings["train"]["devices"].as_u64().unwrap_or(1) as usize)
 }
 
 /// The rows of `path` up to its last newline (a line without one is a write a crash

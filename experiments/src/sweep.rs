@@ -227,6 +227,7 @@ impl Plan {
                 checked.with_context(|| format!("with --vary {}", vary::label(&setting)))?;
             }
         }
+        let d = self.most_devices()?;
         for &b in &self.batch_sizes {
             ensure!(
                 b >= 1,
@@ -237,7 +238,6 @@ impl Plan {
                 "batch size {b} is larger than the training set ({} images)",
                 ds.train.len()
             );
-            let d = self.most_devices()?;
             ensure!(
                 b * d <= ds.train.len(),
                 "batch size {b} on {d} devices takes {} images a step, more than the training \

@@ -213,12 +213,8 @@ pub fn run(
         conv_impl,
         &varmap,
         key.seed,
-    )?;
-    let model = if cfg.devices > 1 {
-        model.per_device(b)?
-    } else {
-        model
-    };
+    )?
+    .on_devices(b, cfg.devices)?;
     let mut sgd = optimizer(&varmap, cfg)?;
 
     // One step: `devices` batches of b images, one SGD update over all of them.

@@ -183,7 +183,7 @@ impl ResNet {
     /// The model with every batch-statistics normalizer's training statistics taken over
     /// chunks of `size` consecutive images, as in data-parallel training on devices of `size`
     /// images each without synchronized BatchNorm (`normalizers::per_device`).
-    pub fn per_device(self, size: usize) -> Result<Self> {
+    fn per_device(self, size: usize) -> Result<Self> {
         let blocks = self
             .blocks
             .into_iter()
@@ -194,6 +194,16 @@ impl ResNet {
             blocks,
             ..self
         })
+    }
+
+    /// The model as trained on `devices` simulated devices of `batch` images each: with
+    /// statistics per device ([`ResNet::per_device`]) where there are several, itself on one.
+    pub fn on_devices(self, batch: usize, devices: usize) -> Result<Self> {
+        if devices > 1 {
+            self.per_device(batch)
+        } else {
+            Ok(self)
+        }
     }
 
     /// Logits (N, classes) for images (N, C, H, W).
